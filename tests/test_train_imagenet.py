@@ -1,0 +1,183 @@
+"""train_imagenet.py on tiny settings: the default (MNIST) run end to end, sample.py on its output, exact
+resume, NaN stop, bad input, the network architecture and its adapter to the denoiser protocol."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import TinyCritic
+
+import dmd2
+import sample
+import train_imagenet as ti
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--teacher-iters", "20", "--classifier-iters", "30", "--iters", "12", "--batch", "8", "--log-every", "4",
+        "--ckpt-every", "6", "--eval-samples", "64", "--warmup", "2", "--channels", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("run"))
+    metrics = ti.main(["--run", run, *TINY])
+    return run, metrics
+
+
+def test_default_run_writes_everything(tiny_run):
+    run, metrics = tiny_run
+    for f in ("samples.png", "metrics.json", "log.jsonl", "brightness.png", "checkpoint.pt", "teacher.pt",
+              "classifier.pt", "teacher_metrics.json"):
+        assert os.path.isfile(os.path.join(run, f)), f
+    with open(os.path.join(run, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["it"] for r in rows] == [4, 8, 12]
+    assert {"loss_dmd", "loss_fake", "loss_gan_g", "loss_gan_d", "brightness", "lr"} <= set(rows[0])
+    saved = json.load(open(os.path.join(run, "metrics.json")))
+    assert set(saved["teacher"]) == {"1", "2", "4", "8", "35"} and saved["teacher"]["35"]["nfe"] == 35
+    assert saved["teacher"]["4"]["nfe"] in (3, 4) and saved["teacher"]["1"]["sampler"] == "euler"
+    assert 0 <= saved["student"]["accuracy"] <= 1 and saved["student"]["fd"] > 0 and saved["real_vs_real"]["fd"] >= 0
+    assert {"data_s", "teacher_s", "classifier_s", "distill_s", "eval_s", "total_s"} <= set(saved["timings"])
+    ck = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    assert ck["kind"] == "class-conditional" and ck["step"] == 12
+    assert {"G", "critic", "g_opt", "c_opt", "g_sched", "c_sched", "rng", "data", "config", "history"} <= set(ck)
+    assert any(k.startswith("head.") for k in ck["critic"]), "the GAN head is saved with the critic"
+
+
+def test_cached_teacher_is_reused(tiny_run, tmp_path):
+    run, _ = tiny_run
+    mtime = os.path.getmtime(os.path.join(run, "teacher.pt"))
+    metrics = ti.main(["--run", run, *TINY, "--iters", "4"])
+    assert os.path.getmtime(os.path.join(run, "teacher.pt")) == mtime
+    assert metrics["timings"]["teacher_s"] == 0 and metrics["timings"]["classifier_s"] == 0
+
+
+def test_sample_py_on_the_run(tiny_run, tmp_path):
+    run, _ = tiny_run
+    from PIL import Image
+
+    out = sample.main([run, "--labels", "3", "7", "--n", "5", "--seed", "1", "--out", str(tmp_path / "g.png")])
+    w, h = Image.open(out).size
+    assert (w, h) == (5 * 17 + 1, 2 * 17 + 1), "a row per label, n columns, 16 px + 1 px padding"
+    again = sample.main([os.path.join(run, "checkpoint.pt"), "--labels", "3", "7", "--n", "5", "--seed", "1",
+                         "--out", str(tmp_path / "g2.png")])
+    assert open(out, "rb").read() == open(again, "rb").read(), "same seed, same image"
+    with pytest.raises(SystemExit, match="classes 0..9"):
+        sample.main([run, "--labels", "12"])
+
+
+def test_resume_is_exact(tmp_path):
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3", "--ckpt-every",
+            "3", "--eval-samples", "16", "--warmup", "2", "--channels", "8", "--lr", "1e-3", "--lr-final", "1e-4", "--decay-iters", "10"]
+    ti.main(["--run", straight, "--iters", "12", *args])
+    for f in ("teacher.pt", "classifier.pt"):  # same teacher, without training it twice
+        os.makedirs(split, exist_ok=True)
+        with open(os.path.join(straight, f), "rb") as src, open(os.path.join(split, f), "wb") as dst:
+            dst.write(src.read())
+    ti.main(["--run", split, "--iters", "6", *args])
+    ti.main(["--run", split, "--resume", "--iters", "12"])
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
+    b = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)
+    for key in ("G", "critic"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["history"] == [r | dict(time=ra["time"]) for r, ra in zip(b["history"], a["history"], strict=True)]
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    run = str(tmp_path)
+    common = ["--run", run, "--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",
+              "--ckpt-every", "2", "--eval-samples", "8", "--channels", "8"]
+    ti.main([*common, "--iters", "2"])
+    good = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    real_loss = dmd2.fake_score_loss
+    monkeypatch.setattr(dmd2, "fake_score_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        ti.main([*common, "--iters", "4", "--resume"])
+    assert e.value.code == 1 and "non-finite" in capsys.readouterr().err
+    kept = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    assert kept["step"] == 2 and all(torch.equal(good["G"][k], kept["G"][k]) for k in good["G"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--resolution", "24"], "power of two"),
+    (["--teacher", "/nonexistent.pkl", "--data", "x.zip"], "does not exist"),
+    (["--data", "x.zip"], "--data needs --teacher"),
+    (["--no-such-option"], "unrecognized arguments"),
+    (["--ratio", "0"], "must be >= 1"),
+    (["--ema", "1.5"], "--ema"),
+    (["--t-min", "0.9", "--t-max", "0.1"], "t_min"),
+])
+def test_bad_arguments_fail_early(argv, message, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--run", str(tmp_path), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == [], "nothing written before the arguments are checked"
+
+
+def test_resume_without_checkpoint_fails_early(tmp_path):
+    with pytest.raises(SystemExit):
+        ti.parse_args(["--run", str(tmp_path), "--resume"])
+
+
+def test_imagenet_architecture_is_edms_296m_adm():
+    with torch.device("meta"):
+        net = ti.Precond(ti.ADMUNet(64, 3, 1000))
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 295.9  # EDM's ImageNet-64 ADM
+    assert list(net.model.enc)[-1] == "8x8_block2" and list(net.model.dec)[:2] == ["8x8_in0", "8x8_in1"]
+
+
+def test_edm_denoiser_adapter_and_bottleneck():
+    torch.manual_seed(0)
+    sch = dmd2.EDMSchedule()
+    net = ti.small_unet(16, 8, 10).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # zero-initialised output layers would hide mistakes
+            p.add_(0.05 * torch.randn_like(p))
+    den = ti.EDMDenoiser(net, sch, 10)
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(den(x, t, y), net(x, sch.sigmas[t].float(), torch.nn.functional.one_hot(y, 10).float()))
+    decoder_calls = []
+    hook = next(iter(net.model.dec.values())).register_forward_pre_hook(lambda *a: decoder_calls.append(1))
+    h = den.features(x, t, y)
+    hook.remove()
+    assert h.shape == (3, 32, 4, 4) and decoder_calls == [], "bottleneck taken without running the decoder"
+    # the same tensor the full forward computes at the encoder's end
+    grabbed = []
+    hook = ti.encoder_output_module(net).register_forward_hook(lambda m, a, out: grabbed.append(out))
+    den(x, t, y)
+    hook.remove()
+    torch.testing.assert_close(h, grabbed[0])
+    assert h.requires_grad is False or h.grad_fn is not None
+
+
+def test_encoder_output_module_rejects_other_layouts():
+    with pytest.raises(ValueError, match="EDM's layout"):
+        ti.encoder_output_module(TinyCritic())
+
+
+def test_precond_matches_edm_formulas():
+    model = lambda x, c_noise, labels: torch.full_like(x, 2.0) * c_noise.reshape(-1, 1, 1, 1)  # noqa: E731
+    D = ti.Precond(model, sigma_data=0.5)
+    x, sigma = torch.ones(2, 1, 2, 2), torch.tensor([0.1, 10.0])
+    out = D(x, sigma)
+    for i, s in enumerate(sigma.tolist()):
+        c_skip, c_out = 0.25 / (s**2 + 0.25), s * 0.5 / (s**2 + 0.25) ** 0.5
+        torch.testing.assert_close(out[i], torch.full((1, 2, 2), c_skip + c_out * 2 * torch.log(torch.tensor(s)).item() / 4))
+
+
+def test_edm_sampler_one_step_is_the_denoiser_at_sigma_max():
+    calls = []
+    def net(x, sigma, labels):
+        calls.append(sigma)
+        return torch.zeros_like(x)
+    z = torch.randn(2, 1, 4, 4)
+    out = ti.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=1, heun=False)
+    torch.testing.assert_close(out, torch.zeros_like(z)) and len(calls) == 1
+    calls.clear()
+    ti.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=18, heun=True)
+    assert len(calls) == 35, "Heun with 18 steps = 35 NFE"
+    assert calls[0][0].item() == pytest.approx(80.0) and calls[-1][0].item() == pytest.approx(0.002, rel=1e-3)

