@@ -18,6 +18,7 @@ import urllib.parse
 import zipfile
 from collections.abc import Callable, Iterable
 
+import cleanfid.downloads_helper
 import cleanfid.features
 import cleanfid.fid
 import numpy as np
@@ -541,7 +542,13 @@ def inception_extractor(device: torch.device | str) -> Callable[[torch.Tensor], 
     to 3 channels.
     """
     device = torch.device(device)
-    model = cleanfid.features.build_feature_extractor("legacy_tensorflow", device=device, use_dataparallel=False)
+    try:
+        model = cleanfid.features.build_feature_extractor("legacy_tensorflow", device=device, use_dataparallel=False)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        # clean-fid downloads without a temporary file: an interrupted download leaves a truncated file behind
+        raise RuntimeError(f"clean-fid could not load its Inception-v3 ({type(e).__name__}: {e}). Put "
+                           f"{cleanfid.downloads_helper.inception_url} at /tmp/inception-2015-12-05.pt (and delete "
+                           f"a partial file there, if any)") from e
     return _edm_detector_input(model, device)
 
 

@@ -240,13 +240,14 @@ class EDMPersistence:
                 super().__init__(*args, **kwargs)
                 obj._init_args, obj._init_kwargs = copy.deepcopy(args), copy.deepcopy(kwargs)
 
-            def __reduce__(obj):
-                reduced = list(super().__reduce__()) + [None, None]
+            def __reduce__(obj):  # (callable, args, state, ...) with the state moved into meta
+                reduced = list(super().__reduce__())
+                reduced += [None] * (3 - len(reduced))
                 if reduced[0] is not rebuild:
                     state = {k: v for k, v in reduced[2].items() if k not in drop}
                     meta = dict(type="class", version=6, module_src=src, class_name=orig.__name__, state=state)
                     reduced[:3] = [rebuild, (meta,), None]
-                return tuple(reduced[:max(3, len(reduced) - 2)])
+                return tuple(reduced)
 
         Persistent.__name__ = Persistent.__qualname__ = orig.__name__
         Persistent.__module__ = orig.__module__
@@ -391,6 +392,17 @@ def test_pickle_from_an_older_torch(tmp_path):
     assert all(hasattr(m, name) for m in loaded.modules() for name in newer)
     x, sigma, labels = inputs()
     assert torch.equal(loaded(x, sigma, labels), net(x, sigma, labels))
+
+
+def test_tensors_pickled_on_a_gpu_load_on_the_cpu(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 2)
+    with monkeypatch.context() as m:  # storages record device "cuda:0", as when pickled from a GPU
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        data = pickle.dumps(dict(ema=net))
+    assert b"cuda:0" in data
+    (tmp_path / "gpu.pkl").write_bytes(data)
+    loaded = load_edm_network(str(tmp_path / "gpu.pkl"))
+    assert loaded.weight.device.type == "cpu" and torch.equal(loaded.weight, net.weight)
 
 
 def test_deepcopy_and_repickle_keep_the_source(edm_pickle):
@@ -791,6 +803,15 @@ def test_inception_extractor_feeds_clean_fid_legacy_tensorflow_like_edm(monkeypa
             extract(bad)
     mu, sigma = feature_statistics([rgb, gray[:, :, :4, :4]], extract)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+
+
+def test_inception_extractor_download_failure_is_clear(monkeypatch):
+    def offline(fpath):
+        raise ti.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(ti.cleanfid.inception_torchscript, "check_download_inception", offline)
+    with pytest.raises(RuntimeError, match="could not load its Inception-v3.*inception-2015-12-05.pt"):
+        inception_extractor("cpu")
 
 
 def test_load_reference_statistics(tmp_path):
