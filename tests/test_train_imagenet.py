@@ -21,7 +21,7 @@ TINY = ["--teacher-iters", "20", "--classifier-iters", "30", "--iters", "12", "-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("run"))
-    metrics = ti.main(["--run", run, *TINY])
+    metrics = ti.main(["--out-dir", run, *TINY])
     return run, metrics
 
 
@@ -48,7 +48,7 @@ def test_default_run_writes_everything(tiny_run):
 def test_cached_teacher_is_reused(tiny_run, tmp_path):
     run, _ = tiny_run
     mtime = os.path.getmtime(os.path.join(run, "teacher.pt"))
-    metrics = ti.main(["--run", run, *TINY, "--iters", "4"])
+    metrics = ti.main(["--out-dir", run, *TINY, "--iters", "4"])
     assert os.path.getmtime(os.path.join(run, "teacher.pt")) == mtime
     assert metrics["timings"]["teacher_s"] == 0 and metrics["timings"]["classifier_s"] == 0
 
@@ -72,13 +72,13 @@ def test_resume_is_exact(tmp_path):
     args = ["--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3", "--ckpt-every",
             "3", "--eval-samples", "16", "--warmup", "2", "--channels", "8", "--lr", "1e-3", "--lr-final", "1e-4",
             "--decay-iters", "10"]
-    ti.main(["--run", straight, "--iters", "12", *args])
+    ti.main(["--out-dir", straight, "--iters", "12", *args])
     for f in ("teacher.pt", "classifier.pt"):  # same teacher, without training it twice
         os.makedirs(split, exist_ok=True)
         with open(os.path.join(straight, f), "rb") as src, open(os.path.join(split, f), "wb") as dst:
             dst.write(src.read())
-    ti.main(["--run", split, "--iters", "6", *args])
-    ti.main(["--run", split, "--resume", "--iters", "12"])
+    ti.main(["--out-dir", split, "--iters", "6", *args])
+    ti.main(["--out-dir", split, "--resume", "--iters", "12"])
     a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
     b = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)
     for key in ("G", "critic"):
@@ -89,7 +89,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     run = str(tmp_path)
-    common = ["--run", run, "--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",
+    common = ["--out-dir", run, "--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",
               "--ckpt-every", "2", "--eval-samples", "8", "--channels", "8"]
     ti.main([*common, "--iters", "2"])
     good = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
@@ -112,7 +112,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, 
     (["--t-min", "0.9", "--t-max", "0.1"], "t_min"),
 ])
 def test_bad_arguments_fail_early(argv, message, tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--run", str(tmp_path), *argv],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--out-dir", str(tmp_path), *argv],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert os.listdir(tmp_path) == [], "nothing written before the arguments are checked"
@@ -120,7 +120,7 @@ def test_bad_arguments_fail_early(argv, message, tmp_path):
 
 def test_resume_without_checkpoint_fails_early(tmp_path):
     with pytest.raises(SystemExit):
-        ti.parse_args(["--run", str(tmp_path), "--resume"])
+        ti.parse_args(["--out-dir", str(tmp_path), "--resume"])
 
 
 def test_imagenet_architecture_is_edms_296m_adm():
@@ -177,3 +177,36 @@ def test_edm_sampler_one_step_is_the_denoiser_at_sigma_max():
     ti.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=18, heun=True)
     assert len(calls) == 35, "Heun with 18 steps = 35 NFE"
     assert calls[0][0].item() == pytest.approx(80.0) and calls[-1][0].item() == pytest.approx(0.002, rel=1e-3)
+
+
+def test_no_option_is_a_prefix_of_a_torchrun_option():
+    # torchrun parses every option-like argument, also after the script: an abbreviation of one of its own
+    # options (e.g. --run for --run-path) makes it refuse the command line.
+    from torch.distributed.run import get_args_parser
+
+    torchrun = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
+    ours = [o for a in ti.build_parser()._actions for o in a.option_strings if o.startswith("--")]
+    clashes = [(o, t) for o in ours for t in torchrun if t.startswith(o) and o not in ("--help",)]
+    assert clashes == []
+
+
+@pytest.mark.parametrize("channels", [8, 16])
+def test_every_parameter_is_trained(channels):
+    """Every parameter of G, the fake score and the GAN head receives gradient (DDP requires it)."""
+    torch.manual_seed(0)
+    cfg = ti.Config(channels=channels)
+    teacher = ti.small_unet(16, channels, 10)
+    with torch.no_grad():
+        for p in teacher.parameters():  # away from the zero initialisation of output layers
+            p.add_(0.02 * torch.randn_like(p))
+    nets = ti.build_nets(cfg, teacher, dmd2.EDMSchedule(), 1, torch.device("cpu"))
+    g_opt = torch.optim.SGD(nets.G.parameters(), lr=0.0)
+    c_opt = torch.optim.SGD(nets.critic.parameters(), lr=0.0)
+    x_real, y = torch.randn(4, 1, 16, 16), torch.arange(4)
+    teacher_den = ti.EDMDenoiser(teacher, dmd2.EDMSchedule(), 10)
+    dmd2.generator_step(nets.G, g_opt, 80 * torch.randn(4, 1, 16, 16), torch.full((4,), 999), teacher_den,
+                        nets.critic, nets.critic.head, dmd2.EDMSchedule(), y, dmd2.TTUR(gan_g=1.0))
+    assert [n for n, p in nets.G.named_parameters() if p.grad is None] == []
+    dmd2.critic_step(nets.critic, nets.critic.head, c_opt, torch.randn(4, 1, 16, 16), dmd2.EDMSchedule(), y,
+                     x_real, y, dmd2.TTUR())
+    assert [n for n, p in nets.critic.named_parameters() if p.grad is None] == []

@@ -1,0 +1,127 @@
+"""The paper-scale path of train_imagenet.py on tiny inputs: an EDM pickle written in EDM's persistence format,
+an EDM-format dataset zip, FID against reference statistics (with a stand-in feature extractor: the real
+Inception cannot be downloaded here), the two-phase schedule, and two-process DDP on CPU (gloo)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from test_edm_io import EDMPersistence, random_images, tiny_edm_net, write_dataset
+
+import train_imagenet as ti
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W = torch.randn(3 * 8 * 8, 6, generator=torch.Generator().manual_seed(0))  # stand-in "Inception": 6-d features
+
+
+def stand_in_extractor(device):
+    return lambda images: (images.flatten(1).float() / 255) @ W.to(images.device)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imagenet")
+    writer = EDMPersistence()
+    _module, net = tiny_edm_net(writer)
+    pkl = d / "edm-tiny.pkl"
+    pkl.write_bytes(writer.dumps(dict(ema=net)))
+    images = random_images(40, res=8)
+    data = write_dataset(d / "data.zip", images, [i % 10 for i in range(40)])
+    feats = stand_in_extractor("cpu")(torch.from_numpy(images).permute(0, 3, 1, 2)).double().numpy()
+    ref = d / "ref.npz"
+    np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    return str(pkl), data, str(ref), net
+
+
+def test_paper_path_trains_and_evaluates(inputs, tmp_path, monkeypatch):
+    pkl, data, ref, net = inputs
+    monkeypatch.setattr(ti, "inception_extractor", stand_in_extractor)
+    run = str(tmp_path / "run")
+    metrics = ti.main(["--teacher", pkl, "--data", data, "--ref", ref, "--out-dir", run, "--resolution", "8",
+                       "--label-dim", "10", "--batch", "4", "--iters", "6", "--log-every", "2", "--ckpt-every", "3",
+                       "--eval-samples", "32", "--workers", "0", "--lr", "1e-3"])
+    cfg = ti.read_checkpoint(run)["config"]
+    assert (cfg.ratio, cfg.gan_g, cfg.gan_d, cfg.weight_decay, cfg.max_grad_norm) == (5, 3e-3, 1e-2, 0.01, 10.0)
+    assert cfg.warmup == 500 and cfg.lr_final is None, "the paper's settings (constant lr) are the defaults"
+    assert metrics["student"]["fd"] > 0 and "teacher" not in metrics
+    ck = ti.read_checkpoint(run)
+    assert ck["critic"]["head.proj.weight"].shape == (1, 16), "GAN head on the 4x4x16 bottleneck"
+    # G started from the teacher and moved; the teacher's own weights are those of the pickle
+    G, _ = ti.load_generator(run)
+    teacher = ti.edm_teacher(pkl)
+    assert any(not torch.equal(a, b) for a, b in zip(G.net.state_dict().values(), teacher.state_dict().values(),
+                                                         strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.model.state_dict().values(), net.model.state_dict().values(),
+                                                 strict=True))
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 20.0])
+    labels = torch.eye(10)[[1, 2]]
+    torch.testing.assert_close(teacher(x, sigma, labels), net(x, sigma, labels), rtol=1e-5, atol=1e-5)
+    # sample.py on the result
+    import sample
+
+    out = sample.main([run, "--labels", "0", "5", "--n", "3", "--out", str(tmp_path / "g.png")])
+    assert os.path.isfile(out)
+
+
+def test_two_phase_schedule(tmp_path):
+    """Phase 1 without GAN; phase 2 starts from its weights with the GAN on (a new head, new optimizers)."""
+    common = ["--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",
+              "--eval-samples", "8", "--channels", "8"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ti.main(["--out-dir", one, *common, "--iters", "3", "--gan-g", "0", "--gan-d", "0"])
+    assert not any(k.startswith("head.") for k in ti.read_checkpoint(one)["critic"])
+    os.makedirs(two)
+    for f in ("teacher.pt", "classifier.pt"):
+        with open(os.path.join(one, f), "rb") as a, open(os.path.join(two, f), "wb") as b:
+            b.write(a.read())
+    ti.main(["--out-dir", two, *common, "--iters", "2", "--init-from", one, "--lr", "0", "--gan-g", "3e-3",
+             "--gan-d", "1e-2"])
+    a, b = ti.read_checkpoint(one), ti.read_checkpoint(two)
+    assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"]), "lr 0: G is phase 1's"
+    assert all(torch.equal(a["critic"][k], b["critic"][k]) for k in a["critic"])
+    assert any(k.startswith("head.") for k in b["critic"]) and b["step"] == 2
+
+
+HARNESS = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import train_imagenet as ti
+    run_distill = ti.distill
+
+    def distill(*args, **kwargs):  # keep every rank's final weights
+        nets = run_distill(*args, **kwargs)
+        torch.save(dict(G=nets.G.state_dict(), critic=nets.critic.state_dict()),
+                   os.path.join(sys.argv[sys.argv.index("--out-dir") + 1], f"rank{{os.environ['RANK']}}.pt"))
+        return nets
+
+    ti.distill = distill
+    ti.main(sys.argv[1:])
+""")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gives_identical_weights(tmp_path):
+    script = tmp_path / "harness.py"
+    script.write_text(HARNESS.format(root=ROOT))
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--out-dir", run, "--teacher-iters", "5", "--classifier-iters", "5", "--iters", "6", "--batch", "8",
+           "--log-every", "3", "--ckpt-every", "3", "--eval-samples", "16", "--channels", "8", "--lr", "1e-3",
+           "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(os.path.join(run, "rank0.pt"), weights_only=False)
+    r1 = torch.load(os.path.join(run, "rank1.pt"), weights_only=False)
+    start = ti.small_unet(16, 8, 10)
+    start.load_state_dict(torch.load(os.path.join(run, "teacher.pt"), weights_only=False)["net"])
+    for key in ("G", "critic"):
+        assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key]), f"{key} differs between ranks"
+    assert not torch.equal(r0["G"]["net.model.out_conv.weight"], start.model.out_conv.weight), "G trained"
+    ck = ti.read_checkpoint(run)
+    assert len(ck["rng"]) == 2 and ck["rng"][0]["gen"].tolist() != ck["rng"][1]["gen"].tolist(), "per-rank seeds"
+    assert all(torch.equal(ck["G"][k], r0["G"][k]) for k in ck["G"])
