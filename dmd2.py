@@ -330,11 +330,11 @@ class GANHead(nn.Module):
 
 def gan_logits(x: torch.Tensor, critic: Critic, head: GANHead, schedule: Schedule, cond: Cond = None,
                t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """D(F(x, t)): each image noised with its own t ~ U{0 .. T-1}, classified from the critic's encoder
-    features only (the decoder half is not run). [B] logits."""
+               generator: torch.Generator | None = None, t_max: float = 1.0) -> torch.Tensor:
+    """D(F(x, t)): each image noised with its own t ~ U{0 .. t_max T} (the paper: all T timesteps),
+    classified from the critic's encoder features only (the decoder half is not run). [B] logits."""
     if t is None:
-        t = sample_timesteps(len(x), schedule, x.device, generator=generator)
+        t = sample_timesteps(len(x), schedule, x.device, hi=t_max, generator=generator)
     if noise is None:
         noise = _randn(x, generator)
     return head(critic.features(schedule.add_noise(x, noise, t), t, cond)).float()
@@ -414,6 +414,7 @@ class TTUR:
     max_grad_norm: float = 10.0  # gradient-norm clip of both updates (inf: none)
     t_min: float = 0.02  # DMD timesteps are drawn in [t_min T, t_max T]
     t_max: float = 0.98
+    gan_t_max: float = 1.0  # GAN noise timesteps in [0, gan_t_max T] (the paper: 1, all of them)
 
     def __post_init__(self):
         if self.ratio < 1:
@@ -422,6 +423,8 @@ class TTUR:
             raise ValueError("TTUR weights must be >= 0, and dmd_weight or gan_g > 0 for the generator to learn")
         if not 0 <= self.t_min <= self.t_max <= 1:
             raise ValueError(f"need 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
+        if not 0 <= self.gan_t_max <= 1:
+            raise ValueError(f"need 0 <= gan_t_max <= 1, got {self.gan_t_max}")
 
 
 @contextmanager
@@ -469,7 +472,8 @@ def generator_step(G: Denoiser, opt: torch.optim.Optimizer, x_in: torch.Tensor, 
         loss = loss + hp.dmd_weight * logs["loss_dmd"]
     if hp.gan_g > 0 and head is not None:
         with frozen(fake, head):
-            logs["loss_gan_g"] = gan_generator_loss(gan_logits(x, fake, head, schedule, cond, generator=generator))
+            logits = gan_logits(x, fake, head, schedule, cond, generator=generator, t_max=hp.gan_t_max)
+            logs["loss_gan_g"] = gan_generator_loss(logits)
         loss = loss + hp.gan_g * logs["loss_gan_g"]
     logs["grad_norm_g"] = _update(loss, opt, _params(G), hp.max_grad_norm)
     return x.detach(), {k: v.detach() for k, v in logs.items()}
@@ -489,7 +493,7 @@ def critic_step(fake: Critic, head: GANHead | None, opt: torch.optim.Optimizer, 
     loss = logs["loss_fake"]
     if hp.gan_d > 0 and head is not None and x_real is not None:
         logits = gan_logits(torch.cat([x_fake.float(), x_real.float()]), fake, head, schedule,
-                            _cat(cond, cond_real), generator=generator)
+                            _cat(cond, cond_real), generator=generator, t_max=hp.gan_t_max)
         logits_fake, logits_real = logits[: len(x_fake)], logits[len(x_fake):]
         logs["loss_gan_d"] = gan_discriminator_loss(logits_fake, logits_real)
         logs["d_real"], logs["d_fake"] = logits_real.mean(), logits_fake.mean()

@@ -69,6 +69,7 @@ class Config:
     dmd_weight: float = 1.0  # 0: GAN alone (Table 3)
     t_min: float = 0.02  # DMD timesteps in [t_min T, t_max T]
     t_max: float = 0.98
+    gan_t_max: float = 1.0  # GAN noise timesteps in [0, gan_t_max T] (the paper: all of them)
     max_grad_norm: float = 10.0
     ema: float = 0.0  # generator EMA decay (the paper uses none); metrics are reported for both
     seed: int = 0
@@ -1108,6 +1109,11 @@ def build_nets(cfg: Config, teacher_net: nn.Module, schedule: dmd2.EDMSchedule, 
     return Nets(G.eval(), Critic(fake, head).eval(), ema)  # eval(): no dropout, as the authors (dropout 0)
 
 
+def ttur(cfg: Config) -> dmd2.TTUR:
+    return dmd2.TTUR(ratio=cfg.ratio, dmd_weight=cfg.dmd_weight, gan_g=cfg.gan_g, gan_d=cfg.gan_d,
+                     max_grad_norm=cfg.max_grad_norm, t_min=cfg.t_min, t_max=cfg.t_max, gan_t_max=cfg.gan_t_max)
+
+
 def lr_lambda(cfg: Config):
     def f(i: int) -> float:
         if i < cfg.warmup:
@@ -1124,8 +1130,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     teacher = EDMDenoiser(teacher_net.requires_grad_(False), schedule, cfg.label_dim).to(device).eval()
     nets = build_nets(cfg, teacher_net, schedule, channels, device)
     G, critic = nets.G, nets.critic
-    hp = dmd2.TTUR(ratio=cfg.ratio, dmd_weight=cfg.dmd_weight, gan_g=cfg.gan_g, gan_d=cfg.gan_d,
-                   max_grad_norm=cfg.max_grad_norm, t_min=cfg.t_min, t_max=cfg.t_max)
+    hp = ttur(cfg)
     opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     g_opt = torch.optim.AdamW(G.parameters(), **opt)
     c_opt = torch.optim.AdamW(critic.parameters(), **opt)
@@ -1141,7 +1146,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         if bad:
             raise ValueError(f"--init-from {cfg.init_from}: the critic does not match ({bad[0]}, ...)")
     if resume:
-        ck = torch.load(path, map_location=device, weights_only=False)
+        ck = read_checkpoint(path, device)
         G.load_state_dict(ck["G"])
         critic.load_state_dict(ck["critic"])
         for obj, key in [(g_opt, "g_opt"), (c_opt, "c_opt"), (g_sched, "g_sched"), (c_sched, "c_sched")]:
@@ -1153,6 +1158,9 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         set_rng_state(gen, ck["rng"][rank])
         real.load_state_dict(ck["data"][rank])
         start, history = ck["step"], ck["history"]
+    if is_main():  # the log restarts from the checkpoint's history (lines after it would repeat)
+        with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
     if world > 1:
         ddp = dict(device_ids=[device.index]) if device.type == "cuda" else {}
         G_train = nn.parallel.DistributedDataParallel(G, **ddp)
@@ -1542,11 +1550,11 @@ class CallCounter:
 def benchmark(cfg: Config, device: torch.device, updates: int = 3) -> dict:
     """Time per generator update (1 generator step + its `ratio` critic steps), network calls of each kind,
     peak memory, and one-step vs teacher sampling throughput, for the ImageNet ADM architecture with random
-    weights. GPU: the real size (192 channels, 40 images per GPU, bf16). CPU: 64 channels, batch 4, fp32."""
+    weights. GPU: the real size (192 channels, 40 images per GPU, bf16). CPU: 32 channels, batch 4, fp32."""
     import resource
 
     gpu = device.type == "cuda"
-    channels, b = (192, 40) if gpu else (64, 4)
+    channels, b = (192, 40) if gpu else (32, 4)
     cfg = dataclasses.replace(cfg, resolution=64, label_dim=1000, batch=b)
     torch.manual_seed(0)
     net = Precond(ADMUNet(64, 3, 1000, channels=channels)).to(device)
@@ -1556,7 +1564,7 @@ def benchmark(cfg: Config, device: torch.device, updates: int = 3) -> dict:
     counts: dict = {}
     for den, name in [(nets.G, "generator"), (teacher, "teacher"), (nets.critic.fake, "fake score")]:
         CallCounter(den, name, counts)
-    hp = dmd2.TTUR(ratio=cfg.ratio, gan_g=cfg.gan_g, gan_d=cfg.gan_d)
+    hp = ttur(cfg)
     g_opt = torch.optim.AdamW(nets.G.parameters(), lr=cfg.lr)
     c_opt = torch.optim.AdamW(nets.critic.parameters(), lr=cfg.lr)
     z, y = torch.randn(b, 3, 64, 64, device=device), torch.randint(0, 1000, (b,), device=device)
@@ -1676,8 +1684,7 @@ def validate(cfg: Config, p: argparse.ArgumentParser) -> None:
     if not 0 <= cfg.ema < 1:
         p.error(f"--ema must be in [0, 1), got {cfg.ema}")
     try:
-        dmd2.TTUR(ratio=cfg.ratio, dmd_weight=cfg.dmd_weight, gan_g=cfg.gan_g, gan_d=cfg.gan_d, t_min=cfg.t_min,
-                  t_max=cfg.t_max)
+        ttur(cfg)
     except ValueError as e:
         p.error(str(e))
 

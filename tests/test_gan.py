@@ -78,6 +78,14 @@ def test_gan_logits_noise_each_image_with_its_own_timestep():
     torch.testing.assert_close(call["x_t"], dmd2.EDMSchedule().sigma(call["t"], x) * noise)
 
 
+def test_gan_noise_levels_can_be_limited():
+    crit = Counter(TinyCritic())
+    dmd2.gan_logits(torch.zeros(5000, 3, 8, 8), crit, dmd2.GANHead(8, 4), dmd2.VPSchedule(), t_max=0.25,
+                    generator=torch.Generator().manual_seed(0))
+    t = crit.feature_calls[0]["t"]
+    assert t.min().item() == 0 and t.max().item() == 250
+
+
 def test_generator_gan_loss_reaches_G_and_leaves_critic_untouched():
     torch.manual_seed(0)
     G, critic, head = TinyGenerator(), TinyCritic(), dmd2.GANHead(8, 4)

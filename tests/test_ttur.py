@@ -143,7 +143,7 @@ def test_gan_alone():
 
 
 @pytest.mark.parametrize("kw", [dict(ratio=0), dict(gan_g=-1.0), dict(dmd_weight=0.0, gan_g=0.0),
-                                dict(t_min=0.5, t_max=0.4)])
+                                dict(t_min=0.5, t_max=0.4), dict(gan_t_max=1.5)])
 def test_ttur_rejects_bad_settings(kw):
     with pytest.raises(ValueError):
         dmd2.TTUR(**kw)
