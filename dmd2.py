@@ -461,8 +461,11 @@ def generator_step(G: Denoiser, opt: torch.optim.Optimizer, x_in: torch.Tensor, 
 
     Network calls: G once (with grad), mu_real once (twice the batch with guidance) and mu_fake once
     (no grad, in `dmd_gradient`), mu_fake's encoder once (GAN term, gradient flows to x only).
-    Returns the detached x, for this iteration's critic update, and detached loss values."""
-    hp = hp or TTUR()
+    Returns the detached x, for this iteration's critic update, and detached loss values.
+    The critic stays frozen through the backward too, so recomputation (gradient checkpointing) sees the
+    same flags as the forward; parameters are listed before the forward, as sharded (FSDP) modules
+    expose temporary ones during it."""
+    hp, params = hp or TTUR(), _params(G)
     x = G(x_in, t_in, cond)
     loss, logs = x.new_zeros((), dtype=torch.float32), {}
     if hp.dmd_weight > 0:
@@ -470,12 +473,12 @@ def generator_step(G: Denoiser, opt: torch.optim.Optimizer, x_in: torch.Tensor, 
                             t_max=hp.t_max, generator=generator)
         logs["loss_dmd"] = dmd_loss(x, grad)
         loss = loss + hp.dmd_weight * logs["loss_dmd"]
-    if hp.gan_g > 0 and head is not None:
-        with frozen(fake, head):
+    with frozen(fake, head):
+        if hp.gan_g > 0 and head is not None:
             logits = gan_logits(x, fake, head, schedule, cond, generator=generator, t_max=hp.gan_t_max)
             logs["loss_gan_g"] = gan_generator_loss(logits)
-        loss = loss + hp.gan_g * logs["loss_gan_g"]
-    logs["grad_norm_g"] = _update(loss, opt, _params(G), hp.max_grad_norm)
+            loss = loss + hp.gan_g * logs["loss_gan_g"]
+        logs["grad_norm_g"] = _update(loss, opt, params, hp.max_grad_norm)
     return x.detach(), {k: v.detach() for k, v in logs.items()}
 
 
@@ -487,7 +490,7 @@ def critic_step(fake: Critic, head: GANHead | None, opt: torch.optim.Optimizer, 
 
     Network calls: mu_fake once (denoising loss) and, with the GAN term, its encoder once on the
     concatenated fake and real batch (each image with its own timestep and noise)."""
-    hp = hp or TTUR()
+    hp, params = hp or TTUR(), _params(fake, head)
     x_fake = x_fake.detach()
     logs = {"loss_fake": fake_score_loss(x_fake, fake, schedule, cond, generator=generator)}
     loss = logs["loss_fake"]
@@ -498,7 +501,7 @@ def critic_step(fake: Critic, head: GANHead | None, opt: torch.optim.Optimizer, 
         logs["loss_gan_d"] = gan_discriminator_loss(logits_fake, logits_real)
         logs["d_real"], logs["d_fake"] = logits_real.mean(), logits_fake.mean()
         loss = loss + hp.gan_d * logs["loss_gan_d"]
-    logs["grad_norm_c"] = _update(loss, opt, _params(fake, head), hp.max_grad_norm)
+    logs["grad_norm_c"] = _update(loss, opt, params, hp.max_grad_norm)
     return {k: v.detach() for k, v in logs.items()}
 
 

@@ -583,16 +583,21 @@ def mnist_digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 class RealImages:
-    """An endless, resumable stream of (images in [-1, 1], labels) for the GAN's real side, sharded by rank."""
+    """An endless, resumable stream of (images, labels) for the GAN's real side, sharded by rank: in-memory
+    tensors in [-1, 1] (MNIST) or an image dataset's uint8 images through a DataLoader."""
 
     def __init__(self, data, batch: int, rank: int, world: int, seed: int, workers: int = 0):
         self.data, self.batch, self.rank, self.world, self.seed, self.workers = data, batch, rank, world, seed, workers
-        self.epoch, self.pos, self._it = 0, 0, None
+        self.epoch, self.pos, self._it, self._cache = 0, 0, None, (-1, [])
 
     def _order(self) -> list[int]:
-        n = len(self.data[0]) if isinstance(self.data, tuple) else len(self.data)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1000 * self.epoch))
-        return perm[self.rank::self.world][: n // self.world // self.batch * self.batch].tolist()
+        """This rank's share of the epoch's permutation (the same on every rank), whole batches only."""
+        if self._cache[0] != self.epoch:
+            n = len(self.data[0]) if isinstance(self.data, tuple) else len(self.data)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1000 * self.epoch))
+            whole = n // self.world // self.batch * self.batch
+            self._cache = (self.epoch, perm[self.rank::self.world][:whole].tolist())
+        return self._cache[1]
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         order = self._order()
@@ -609,7 +614,7 @@ class RealImages:
                                                  num_workers=self.workers, pin_memory=torch.cuda.is_available())
             self._it = iter(loader)
         images, labels = next(self._it)
-        return images.float() / 127.5 - 1, labels.long()
+        return images, labels.long()  # uint8: converted to [-1, 1] on the training device
 
     def state_dict(self) -> dict:
         return dict(epoch=self.epoch, pos=self.pos)
@@ -1181,6 +1186,8 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         z = torch.randn(b_local, channels, cfg.resolution, cfg.resolution, generator=gen, device=device)
         labels = torch.randint(0, cfg.label_dim, (b_local,), generator=gen, device=device)
         x_real, y_real = (v.to(device, non_blocking=True) for v in next(real))
+        if x_real.dtype == torch.uint8:
+            x_real = x_real.float() / 127.5 - 1
         with autocast(device):  # one-step generator: x = G(sigma_max z; sigma_max, label)
             logs = dmd2.train_iteration(it, G_train, teacher, fake_train, critic.head, g_opt, c_opt, schedule,
                                         schedule.prior(z), t_in, labels, x_real, y_real, hp=hp, generator=gen)

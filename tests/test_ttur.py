@@ -147,3 +147,32 @@ def test_gan_alone():
 def test_ttur_rejects_bad_settings(kw):
     with pytest.raises(ValueError):
         dmd2.TTUR(**kw)
+
+
+class CheckpointedCritic(TinyCritic):
+    """The encoder under activation checkpointing: its recomputation runs inside the backward. A learned gain
+    makes what autograd saves depend on requires_grad, so frozen and unfrozen passes differ."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.gain = torch.nn.Parameter(torch.ones(8, 1, 1))
+
+    def _encode(self, x_t, t, cond):
+        return super().features(x_t, t, cond) * self.gain
+
+    def features(self, x_t, t, cond=None):
+        return torch.utils.checkpoint.checkpoint(self._encode, x_t, t, cond, use_reentrant=False)
+
+
+def test_generator_step_with_a_checkpointed_critic():
+    torch.manual_seed(0)
+    teacher, G, _, head, g_opt, _ = _setup()
+    fake = CheckpointedCritic(n_classes=10)
+    fake.load_state_dict(teacher.state_dict(), strict=False)
+    before = snapshot(fake), snapshot(head)
+    b = _batch(5)
+    _, logs = dmd2.generator_step(G, g_opt, b["x_in"], b["t_in"], teacher, fake, head, dmd2.EDMSchedule(),
+                                  b["cond"], dmd2.TTUR(gan_g=1.0))
+    assert logs["loss_gan_g"] > 0 and all(p.grad is not None for p in G.parameters())
+    assert all(p.grad is None for p in [*fake.parameters(), *head.parameters()])
+    assert same(snapshot(fake), before[0]) and same(snapshot(head), before[1])
