@@ -116,7 +116,7 @@ def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, 
         return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype).to(device)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
     unet.load_state_dict(read_state_dict(src), strict=True)  # the released fp16 weights: a plain state dict
-    return unet.to(device, dtype)
+    return unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
 
 
 def read_state_dict(path: Path) -> dict:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import tarfile
 import time
 import warnings
@@ -52,14 +54,14 @@ class Config:
     prompts: str = ""  # training prompts, one per line
     real_images: str = ""  # GAN real data: folder of images + same-named .txt captions, or .tar shards
     out: str = "runs/t2i"  # run folder: config.json, ckpt.pt, log.txt, samples/, export/
-    preset: str = ""
+    preset: str = ""  # the paper's recipe: sd15, sd15-stage2, sdxl-4step, sdxl-1step, sdxl-4step-lora
     # generator (Sec. 4.4, 4.5, App. F.4)
     steps: int = 1  # 1: one step; N > 1: timesteps 999, 999 - 1000/N, ... (4: [999, 749, 499, 249])
     conditioning_timestep: int = 999  # the one-step generator's timestep (pure-noise input); SDXL: 399
     backward_simulation: bool = True  # multi-step inputs from G itself (Sec. 4.5); off: noised real latents
     mode: str = "full"  # full | lora (G is a LoRA on the teacher) | shared-lora (G and mu_fake both LoRAs)
-    lora_rank: int = 64
-    lora_alpha: float = 8.0
+    lora_rank: int = 64  # rank of each LoRA adapter (the paper's LoRA: 64)
+    lora_alpha: float = 8.0  # LoRA alpha (the paper's: 8); an adapter's scale is alpha / rank
     # DMD2 (Sec. 4.2, 4.3)
     w: float = 1.75  # the teacher's guidance scale, uncond + w (cond - uncond)
     ratio: int = 10  # critic updates per generator update (TTUR)
@@ -108,13 +110,16 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """Flags are the Config fields; a preset fills the ones not given on the command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    helps = dict(re.findall(r"^ +(\w+): [^=]+=.*?# (.+)$", inspect.getsource(Config), re.M))  # the field comments
     for f in fields(Config):
+        preset = any(f.name in v for v in PRESETS.values())
         flag = "--" + f.name.replace("_", "-")
+        h = helps.get(f.name, "") + (" (set by --preset)" if preset else f" (default: {f.default!r})")
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None, help=h,
                            choices={"preset": list(PRESETS), "mode": MODES, "dist": DISTS}.get(f.name))
     p.add_argument("--export", metavar="RUN", help="export a run folder or checkpoint (to --out, default RUN/export)")
     a = p.parse_args(argv)
@@ -298,11 +303,12 @@ class EpsUNet(nn.Module):
         self.unet, self.schedule, self.adapter = unet, schedule, adapter
         self.layers = lora_layers(unet)
 
+    autocast_on = ("cuda",)  # bf16 autocast on GPU only (the authors' fp16 diverged); CPU runs fp32
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, bottleneck: bool = False) -> torch.Tensor:
-        cuda = x_t.device.type == "cuda"  # bf16 autocast on GPU only (the authors' fp16 diverged)
-        dtype = self.unet.dtype
+        dtype, on = self.unet.dtype, x_t.device.type in self.autocast_on
         cond = {k: v.to(dtype) for k, v in cond.items()}
-        with use_adapter(self.layers, self.adapter), torch.autocast(x_t.device.type, torch.bfloat16, enabled=cuda):
+        with use_adapter(self.layers, self.adapter), torch.autocast(x_t.device.type, torch.bfloat16, enabled=on):
             if bottleneck:
                 return mid_block_output(self.unet, x_t.to(dtype), t, cond).float()
             eps = self.unet(x_t.to(dtype), t, **unet_inputs(cond)).sample
@@ -352,17 +358,19 @@ def add_lora(unet: UNet2DConditionModel, name: str, cfg: Config) -> list[nn.Para
     return params
 
 
-def build_nets(cfg: Config, base: Base, device: torch.device, world: int) -> Nets:
+def build_nets(cfg: Config, base: Base, device: torch.device, world: int, new_unet=None) -> Nets:
+    """new_unet() makes a trainable fp32 copy of the teacher (default: from_pretrained again)."""
+    new_unet = new_unet or (lambda: load_unet(cfg.model, device))
     torch.manual_seed(cfg.seed)  # the same LoRA and head initialisation on every rank
     teacher = base.unet.requires_grad_(False)  # loaded in bf16 on GPU
     if cfg.mode == "full":  # three UNets: the teacher and fp32 trainable copies (Sec. 4.6: both start from it)
-        g_unet, f_unet = load_unet(cfg.model, device), load_unet(cfg.model, device)
+        g_unet, f_unet = new_unet(), new_unet()
         g_params, f_params = list(g_unet.parameters()), list(f_unet.parameters())
         g_name = f_name = None
     else:  # G is a LoRA adapter on the teacher, which runs with its adapters off
         g_unet, g_params, g_name = teacher, add_lora(teacher, "generator", cfg), "generator"
         if cfg.mode == "lora":  # the authors' LoRA recipe: mu_fake is a full copy
-            f_unet, f_name = load_unet(cfg.model, device), None
+            f_unet, f_name = new_unet(), None
             f_params = list(f_unet.parameters())
         else:  # one UNet in memory: mu_fake is a second adapter
             f_unet, f_params, f_name = teacher, add_lora(teacher, "fake", cfg), "fake"
@@ -392,13 +400,19 @@ def build_nets(cfg: Config, base: Base, device: torch.device, world: int) -> Net
 
 
 def wrap(module: nn.Module, trainable: list[nn.Parameter], cfg: Config, device: torch.device) -> nn.Module:
-    """DDP over exactly `trainable`, or FSDP2 (fully_shard) per UNet block and at the root."""
+    """DDP over exactly `trainable`; or FSDP2 (fully_shard) per transformer, per UNet block and at the root, so
+    that SDXL is gathered at most ~0.35B parameters at a time. (Resnets run inside gradient checkpointing, and
+    an FSDP unit there would be re-gathered under other requires_grad flags when recomputed.)"""
     if cfg.dist == "fsdp":
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
         from torch.distributed.fsdp import fully_shard
 
         unet = getattr(module, "unet", None)
-        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if unet is not None else []:
-            fully_shard(block)
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if unet is not None else []
+        for m in [m for b in blocks for m in b.modules() if isinstance(m, Transformer2DModel)]:
+            fully_shard(m)
+        for b in blocks:
+            fully_shard(b)
         fully_shard(module)
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -541,13 +555,14 @@ def trainable_state(nets: Nets, cfg: Config) -> dict:
     for k, net in (("G", nets.G), ("fake", nets.fake), ("head", nets.head)):
         if net is not None:
             mine = {id(p) for p in net.params}
-            module = nets.unets[k] if k in nets.unets else unwrap(net.module)
+            module = nets.unets.get(k) or getattr(net.module, "module", net.module)  # unwrap DDP
             prefix = "unet." if k in nets.unets else ""  # the same keys as EpsUNet / FSDP state dicts
             out[k] = {prefix + n: p.detach().cpu().clone() for n, p in module.named_parameters() if id(p) in mine}
     return out
 
 
 def load_trainable(nets: Nets, state: dict, cfg: Config) -> None:
+    """The inverse of trainable_state; every trainable weight must be in `state` (absent networks are skipped)."""
     if cfg.dist == "fsdp" and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -556,18 +571,13 @@ def load_trainable(nets: Nets, state: dict, cfg: Config) -> None:
                 set_model_state_dict(m, state[k], options=StateDictOptions(full_state_dict=True))
         return
     for k, net in (("G", nets.G), ("fake", nets.fake), ("head", nets.head)):
-        if net is None or k not in state:
-            continue
-        target = EpsUNet(nets.unets[k], None) if k in nets.unets else unwrap(net.module)
-        missing, unexpected = target.load_state_dict(state[k], strict=False)
-        names = {n for n, p in target.named_parameters() if any(p is q for q in net.params)}
-        if unexpected or names & set(missing):
-            raise SystemExit(f"checkpoint does not match the {k} network: missing {sorted(names & set(missing))[:3]}"
-                             f", unexpected {unexpected[:3]}")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
+        if net is not None and k in state:
+            module = nets.unets.get(k) or getattr(net.module, "module", net.module)  # unwrap DDP
+            mine = {n for n, p in module.named_parameters() if any(p is q for q in net.params)}
+            values = {n.removeprefix("unet.") if k in nets.unets else n: v for n, v in state[k].items()}
+            if set(values) != mine:
+                raise SystemExit(f"the checkpoint's {k} weights do not fit this run (--mode, --lora-rank, --model?)")
+            module.load_state_dict(values, strict=False)
 
 
 def optimizer_states(nets: Nets, opts: dict, cfg: Config, load: dict | None = None) -> dict | None:
@@ -637,7 +647,8 @@ def load_student(ckpt: dict, device: torch.device, dtype: torch.dtype = torch.fl
     missing, unexpected = unet.load_state_dict(state, strict=cfg.mode == "full")
     if unexpected or any("generator" in k for k in missing):
         raise SystemExit(f"checkpoint weights do not fit {cfg.model}'s UNet")
-    return unet.to(device=device, dtype=None if dtype == torch.float32 else dtype).requires_grad_(False)
+    unet = unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
+    return unet.requires_grad_(False)
 
 
 def export(run: str, out: str | None = None) -> Path:
@@ -767,6 +778,8 @@ def validate(cfg: Config, world: int) -> None:
         raise SystemExit("the LPIPS warm-up (--warmup-pairs) is for one-step generators (App. F.4)")
     if cfg.init:
         find_checkpoint(cfg.init)
+    elif cfg.preset == "sd15-stage2" and not cfg.resume:
+        raise SystemExit("--preset sd15-stage2 continues stage 1 (App. F.3): pass --init STAGE1_RUN")
     unet = UNet2DConditionModel.load_config(cfg.model, subfolder="unet")
     factor = 2 ** (len(AutoencoderKL.load_config(cfg.model, subfolder="vae")["block_out_channels"]) - 1)
     down = 2 ** (len(unet["down_block_types"]) - 1)
@@ -846,7 +859,7 @@ def train(cfg: Config) -> None:
     cuda = device.type == "cuda"
     base = load_base(cfg.model, device, torch.bfloat16 if cuda else torch.float32)
     real = None
-    if cfg.real_images:
+    if cfg.gan_g > 0 or cfg.gan_d > 0 or (cfg.steps > 1 and not cfg.backward_simulation):
         cache = str(out / f"latents_{rank}of{world}.pt") if cfg.cache_latents else None
         real = RealLatents(RealImages(cfg.real_images, cfg.resolution, rank, world), base.vae, cache)
     pairs = None
@@ -875,6 +888,8 @@ def train(cfg: Config) -> None:
         start = resume["step"]
         del resume
 
+    saved = [start if cfg.resume else None]  # the step of the last checkpoint written
+
     def save(step: int) -> None:  # every rank takes part (FSDP gathers); rank 0 writes
         rng = [None] * world
         if world > 1:
@@ -886,6 +901,7 @@ def train(cfg: Config) -> None:
                  "scheds": {k: s.state_dict() for k, s in scheds.items()}, "rng": rng}
         if master:
             save_atomic(state, ckpt_path)
+        saved[0] = step
         if world > 1:
             dist.barrier()
 
@@ -916,10 +932,9 @@ def train(cfg: Config) -> None:
         if it % cfg.ratio == 0:
             scheds["g_opt"].step()
         scheds["c_opt"].step()
-        values = torch.stack([v.float() for v in logs.values()])
+        values = torch.stack([getattr(v, "full_tensor", lambda v=v: v)().float() for v in logs.values()])  # DTensor
         if any_rank(not torch.isfinite(values).all().item(), device):
-            last = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False, mmap=True)['step']})" \
-                if ckpt_path.exists() else "none yet"
+            last = f"{ckpt_path} (step {saved[0]})" if saved[0] is not None else "none yet"
             raise SystemExit(f"non-finite loss at iteration {it}: "
                              f"{ {k: round(v.item(), 4) for k, v in logs.items()} }; last good checkpoint: {last}")
         for k, v in zip(logs, values.tolist(), strict=True):
@@ -945,6 +960,7 @@ def train(cfg: Config) -> None:
         if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters:
             save(it + 1)
     if master:
+        log.close()
         export(str(out))
         print(f"done: {ckpt_path}, export in {out / 'export'}")
     if world > 1:

@@ -427,3 +427,36 @@ def test_evaluation_metrics(pipes, data, tmp_path, monkeypatch):
     assert abs(m["fid"]) < 1e-3 and "patch_fid" not in m and m["eval_res"] == 256
     assert m["clip_score"] == pytest.approx(2 ** -0.5)
     assert json.loads((out / "metrics.json").read_text())["images"] == 4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torchvision's notes on how lpips builds its random backbone
+def test_one_step_sdxl_lpips_warmup(pipes, data, tmp_path, monkeypatch):
+    """App. F.4: teacher pairs come from a stock diffusers pipeline with the same noise; the warm-up moves G."""
+    import lpips
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    monkeypatch.setattr(T, "load_lpips", lambda device: lpips.LPIPS(net="squeeze", pretrained=False, pnet_rand=True,
+                                                                     verbose=False).requires_grad_(False))
+    trained = {}
+    warmup = T.lpips_warmup
+
+    def spy(cfg, base, nets, pairs, device, rank):
+        before = [p.detach().clone() for p in nets.G.params]
+        warmup(cfg, base, nets, pairs, device, rank)
+        trained["moved"] = any(not torch.equal(a, p) for a, p in zip(before, nets.G.params, strict=True))
+
+    monkeypatch.setattr(T, "lpips_warmup", spy)
+    out = tmp_path / "r"
+    T.main(["--preset", "sdxl-1step", "--model", pipes["sdxl"], "--prompts", data["prompts"], "--real-images",
+            data["real"], "--resolution", "32", "--batch", "2", "--iters", "2", "--warmup-pairs", "3",
+            "--warmup-steps", "2", "--warmup-teacher-steps", "3", "--out", str(out)])
+    assert trained["moved"]
+    pairs = torch.load(out / "warmup_pairs_0of1.pt")
+    assert len(pairs["z"]) == len(pairs["prompts"]) == 3
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"])
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    x = pipe(prompt=pairs["prompts"][:1], latents=pairs["z"][:1].float(), height=32, width=32, guidance_scale=8.0,
+             num_inference_steps=3, output_type="latent").images
+    torch.testing.assert_close(x, pairs["x"][:1].float(), atol=1e-2, rtol=2e-3)  # stored in fp16
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and T.student_timesteps(T.Config(**ckpt["config"])) == [399]
