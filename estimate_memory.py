@@ -90,14 +90,12 @@ def fake_parameters(modules: list[nn.Module], mode: FakeTensorMode) -> dict[int,
 
 def estimate(cfg: T.Config, unet_cfg: dict, text_cfgs: list[dict], vae_cfg: dict) -> dict[str, float]:
     """Peak GiB by kind (Parameter, Gradient, Optstate, Activation, Temp, ...) over two training iterations."""
-    meta, cpu = torch.device("meta"), torch.device("cpu")
+    meta = torch.device("meta")
     schedule = dmd2.VPSchedule()  # real tables, indexed by fake timesteps
-    with meta:
-        torch.set_default_dtype(torch.bfloat16)  # the frozen parts, in bf16 as train_t2i.py loads them on a GPU
-        text = [(CLIPTextModelWithProjection if "projection_dim" in c else CLIPTextModel)(CLIPTextConfig(**c))
-                .requires_grad_(False) for c in text_cfgs]
-        teacher = UNet2DConditionModel.from_config(unet_cfg).requires_grad_(False)
-        torch.set_default_dtype(torch.float32)
+    with meta:  # the frozen parts in bf16, as train_t2i.py loads them on a GPU
+        text = [cls(CLIPTextConfig(**c)).to(torch.bfloat16).requires_grad_(False)
+                for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), text_cfgs, strict=False)]
+        teacher = UNet2DConditionModel.from_config(unet_cfg).to(torch.bfloat16).requires_grad_(False)
         base = T.Base(sdxl=len(text) == 2, unet=teacher, vae=AutoencoderKL.from_config(vae_cfg).requires_grad_(False),
                       tokenizers=[], text_encoders=text, schedule=schedule)
         nets = T.build_nets(cfg, base, meta, 1, new_unet=lambda: UNet2DConditionModel.from_config(unet_cfg))
@@ -108,12 +106,23 @@ def estimate(cfg: T.Config, unet_cfg: dict, text_cfgs: list[dict], vae_cfg: dict
     for net in (nets.G, nets.fake, nets.head):
         if net is not None:
             net.params = [new[id(p)] for p in net.params]
-    T.EpsUNet.autocast_on = ("cuda", "cpu")  # the GPU's bf16 autocast, on fake CPU tensors
+    autocast_on, T.EpsUNet.autocast_on = T.EpsUNet.autocast_on, ("cuda", "cpu")  # the GPU's bf16 autocast
+    try:
+        peak = run(cfg, nets, base, modules, mode, text_cfgs)
+    finally:
+        T.EpsUNet.autocast_on = autocast_on
+    return {str(getattr(k, "value", k)): v / 2**30 for k, v in peak.items()}
+
+
+def run(cfg: T.Config, nets: T.Nets, base: T.Base, modules: list[nn.Module], mode: FakeTensorMode,
+        text_cfgs: list[dict]) -> dict:
+    """Two training iterations on fake tensors; the peak bytes by kind."""
+    cpu = torch.device("cpu")
     with mode:
         adamw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01)
         g_opt = torch.optim.AdamW(nets.G.params, **adamw)
         c_opt = torch.optim.AdamW(nets.fake.params + (nets.head.params if nets.head else []), **adamw)
-        B, h, L = cfg.batch, cfg.resolution // base.vae_factor, 77
+        B, h, L = cfg.batch, cfg.resolution // base.vae_factor, text_cfgs[0].get("max_position_embeddings", 77)
         cond = {"encoder_hidden_states": torch.randn(B, L, base.unet.config.cross_attention_dim)}
         if base.sdxl:
             cond |= {"text_embeds": torch.randn(B, text_cfgs[-1]["projection_dim"]),
@@ -134,8 +143,7 @@ def estimate(cfg: T.Config, unet_cfg: dict, text_cfgs: list[dict], vae_cfg: dict
                 dmd2.train_iteration(it, nets.G, nets.teacher, nets.fake, nets.head, g_opt, c_opt, base.schedule,
                                      x_in, t_in, cond, torch.randn(B, 4, h, h) if gan else None,
                                      cond if gan else None, hp, uncond)
-    peak = tracker.get_tracker_snapshot("peak")[cpu]
-    return {str(getattr(k, "value", k)): v / 2**30 for k, v in peak.items()}
+    return tracker.get_tracker_snapshot("peak")[cpu]
 
 
 def main(argv: list[str] | None = None) -> dict:

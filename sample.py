@@ -104,6 +104,9 @@ def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, 
     device, src = base.vae.device, Path(args.source)
     if ckpt is not None:
         return t2i.load_student(ckpt, device, dtype)
+    for folder in (src / "unet", src):  # a diffusers UNet folder (an export folder holds one in unet/)
+        if (folder / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype).to(device)
     lora = lora_file(src)
     if lora is not None:  # LoRA weights: loaded and fused as a user would, through a stock pipeline
         base.unet = t2i.load_unet(model, device, dtype)
@@ -111,11 +114,13 @@ def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, 
         pipe.load_lora_weights(str(lora), adapter_name="dmd2")
         pipe.fuse_lora(adapter_names=["dmd2"])
         return base.unet
-    folder = src / "unet" if (src / "unet" / "config.json").is_file() else src
-    if folder.is_dir():
-        return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype).to(device)
+    if src.is_dir():
+        raise SystemExit(f"{src}: no UNet (config.json), LoRA weights or checkpoint (ckpt.pt) in this folder")
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
-    unet.load_state_dict(read_state_dict(src), strict=True)  # the released fp16 weights: a plain state dict
+    try:  # the released fp16 weights: a plain state dict of the base model's UNet
+        unet.load_state_dict(read_state_dict(src), strict=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise SystemExit(f"{src}: not a state dict of {model}'s UNet ({str(e).splitlines()[0]})") from e
     return unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
 
 
@@ -167,9 +172,9 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, meta, ckpt = resolve_source(args)
     base = t2i.load_base(model, device, dtype, unet=False)
+    timesteps = timesteps_for(args, meta, base.sdxl)
     unet = load_student(args, base, model, ckpt, dtype)
     G = t2i.EpsUNet(unet.requires_grad_(False), base.schedule)
-    timesteps = timesteps_for(args, meta, base.sdxl)
     res = args.resolution or meta.get("resolution") or unet.config.sample_size * base.vae_factor
     latent = res // base.vae_factor
     images = []

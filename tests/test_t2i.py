@@ -262,6 +262,11 @@ def test_bad_inputs(pipes, data, tmp_path):
         T.RealImages(data["real"], 64)[0]
     with pytest.raises(SystemExit, match="--model"):
         sample.main([str(tmp_path), "--prompt", "x"])
+    torch.save({"conv_in.weight": torch.zeros(1)}, tmp_path / "wrong.bin")
+    with pytest.raises(SystemExit, match="not a state dict"):
+        sample.main([str(tmp_path / "wrong.bin"), "--model", pipes["sd15"], "--steps", "1", "--prompt", "x"])
+    with pytest.raises(SystemExit, match="--steps"):
+        sample.main([str(tmp_path / "wrong.bin"), "--model", pipes["sd15"], "--prompt", "x"])
 
 
 def test_real_images_from_folder_and_tar_shards(data, tmp_path):

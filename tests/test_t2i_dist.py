@@ -1,4 +1,5 @@
-"""Text-to-image under torchrun: two processes (gloo, CPU) with DDP and with FSDP2 (fully_shard)."""
+"""Text-to-image tests that take longer: two torchrun processes (gloo, CPU) with DDP and with FSDP2
+(fully_shard), and the memory estimate on fake tensors."""
 
 import os
 import subprocess
@@ -61,3 +62,28 @@ def test_ddp_shared_lora(setup, tmp_path):
                  "--lr", "1e-3", "--iters", "3")
     assert same(w[0], w[1]) and all(".generator." in n for n in w[0]["G"]) and all(".fake." in n for n in w[0]["fake"])
     assert max(v.abs().max() for n, v in w[0]["G"].items() if "lora_B" in n) > 0, "the generator adapter trained"
+
+
+def test_memory_estimate_counts_every_tensor(setup):
+    """estimate_memory.py against an independent count: bf16 frozen weights, fp32 adapters and head, AdamW's two
+    moments, fp32 gradients."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    import estimate_memory
+
+    torch.set_num_threads(1)
+    gib = estimate_memory.main(["--model", setup["model"], "--mode", "shared-lora", "--resolution", "32"])
+    unet = UNet2DConditionModel.from_pretrained(setup["model"], subfolder="unet")
+    frozen = sum(p.numel() for p in unet.parameters()) + sum(
+        p.numel() for cls, sub in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
+        for p in cls.from_pretrained(setup["model"], subfolder=sub).parameters())
+    vae = sum(p.numel() for p in AutoencoderKL.from_pretrained(setup["model"], subfolder="vae").parameters())
+    r = T.Config().lora_rank  # LoRA params: r (in k k + out) per targeted Linear / Conv2d
+    lora = sum(r * (m.weight[0].numel() + m.weight.shape[0]) for n, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(n.endswith(t) for t in T.LORA_TARGETS))
+    head = sum(p.numel() for p in T.dmd2.GANHead(64, 4).parameters())
+    trainable = 2 * lora + head
+    assert gib["Parameter"] * 2**30 == 2 * frozen + 4 * vae + 4 * trainable
+    assert 8 * trainable <= gib["Optstate"] * 2**30 <= 12.1 * trainable  # + AdamW's transient buffers
+    assert gib["Total"] * 2**30 >= (2 * frozen + 4 * vae + 16 * trainable)  # + gradients + activations
