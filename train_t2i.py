@@ -69,11 +69,11 @@ class Config:
     gan_d: float = 0.0  # critic's classification loss weight
     lr: float = 1e-5  # AdamW lr of G and of mu_fake + head; betas (0.9, 0.999), weight decay 0.01
     lr_warmup: int = 500  # linear lr warm-up, in updates
-    max_grad_norm: float = 10.0
+    max_grad_norm: float = 10.0  # gradient-norm clip of both updates
     # LPIPS regression warm-up of a one-step generator on teacher pairs (App. F.4)
     warmup_pairs: int = 0  # teacher (noise, image) pairs, split over processes; 0: no warm-up
-    warmup_steps: int = 0
-    warmup_lr: float = 1e-5
+    warmup_steps: int = 0  # LPIPS regression steps
+    warmup_lr: float = 1e-5  # AdamW lr of the LPIPS regression
     warmup_teacher_steps: int = 50  # the teacher's Euler steps for each pair
     # run
     resolution: int = 512  # image side in pixels
@@ -83,10 +83,10 @@ class Config:
     resume: bool = False  # continue this run folder's checkpoint exactly
     cache_latents: bool = False  # encode the real images once, before training
     dist: str = "ddp"  # ddp | fsdp (full mode), under torchrun
-    grad_checkpointing: bool = True
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 500
+    grad_checkpointing: bool = True  # recompute UNet blocks in backward: less memory, ~1/3 more compute
+    seed: int = 0  # process r draws with seed + r; backward simulation's k with seed on every process
+    log_every: int = 10  # one log line per this many iterations
+    ckpt_every: int = 500  # iterations between checkpoints (always one at the end)
     sample_every: int = 500  # a grid of the first prompts, in samples/
     device: str = ""  # default: cuda if available
 
@@ -115,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     for f in fields(Config):
         preset = any(f.name in v for v in PRESETS.values())
         flag = "--" + f.name.replace("_", "-")
-        h = helps.get(f.name, "") + (" (set by --preset)" if preset else f" (default: {f.default!r})")
+        default = f"default: {f.default!r}" + (", or the preset's" if preset else "")
+        h = f"{helps.get(f.name, '')} ({default})"
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
@@ -167,9 +168,8 @@ def load_base(model: str, device: torch.device, dtype: torch.dtype = torch.float
     if scheduler.config.prediction_type != "epsilon":
         raise SystemExit(f"--model {model}: {scheduler.config.prediction_type} prediction is not supported (epsilon)")
     names = ["", "_2"] if sdxl else [""]
-    encoders = [(CLIPTextModelWithProjection if n else CLIPTextModel).from_pretrained(model, subfolder="text_encoder"
-                                                                                     + n, torch_dtype=dtype)
-                for n in names]
+    encoders = [cls.from_pretrained(model, subfolder="text_encoder" + n, torch_dtype=dtype)
+                for cls, n in zip((CLIPTextModel, CLIPTextModelWithProjection), names, strict=False)]
     return Base(sdxl=sdxl,
                 unet=load_unet(model, device, dtype) if unet else None,
                 vae=AutoencoderKL.from_pretrained(model, subfolder="vae").to(device).requires_grad_(False),
@@ -207,10 +207,8 @@ def encode_prompts(base: Base, prompts: list[str], resolution: int) -> dict[str,
 def unconditional(base: Base, resolution: int) -> dict[str, torch.Tensor]:
     """The CFG branch, batch 1: SD v1.5 = the embedding of ""; SDXL = zero embeddings (its pipeline's
     force_zeros_for_empty_prompt), with the same time_ids."""
-    if not base.sdxl:
-        return encode_prompts(base, [""], resolution)
     c = encode_prompts(base, [""], resolution)
-    return {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in c.items()}
+    return c if not base.sdxl else {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in c.items()}
 
 
 def split(cond: dict[str, torch.Tensor], n: int) -> tuple[dict, dict]:
@@ -298,12 +296,12 @@ class EpsUNet(nn.Module):
     """dmd2's denoiser protocol over a diffusers UNet (optionally one LoRA adapter of it, or with its adapters
     off). One forward with a `bottleneck` switch, so that DDP and FSDP see every pass of the critic."""
 
+    autocast_on = ("cuda",)  # bf16 autocast on GPU only (the authors' fp16 diverged); CPU runs fp32
+
     def __init__(self, unet: UNet2DConditionModel, schedule: dmd2.Schedule, adapter: str | None = None):
         super().__init__()
         self.unet, self.schedule, self.adapter = unet, schedule, adapter
         self.layers = lora_layers(unet)
-
-    autocast_on = ("cuda",)  # bf16 autocast on GPU only (the authors' fp16 diverged); CPU runs fp32
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, bottleneck: bool = False) -> torch.Tensor:
         dtype, on = self.unet.dtype, x_t.device.type in self.autocast_on
