@@ -66,15 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def checkpoint_kind(source: str) -> str:
-    """'class-conditional' or 'text-to-image': the `kind` our training checkpoints record (train_imagenet.py:
-    checkpoint.pt, train_t2i.py: ckpt.pt); any other source (UNet folders, state dicts, LoRA) is text-to-image."""
+    """'class-conditional' or 'text-to-image': the `kind` our training checkpoints record (a run folder's
+    checkpoint.pt); any other source (UNet folders, state dicts, LoRA) is text-to-image."""
     path = Path(source)
-    for ckpt in ([path / "checkpoint.pt", path / "ckpt.pt"] if path.is_dir() else [path]):
-        if ckpt.suffix == ".pt" and ckpt.is_file():
-            try:
-                return torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("kind", "text-to-image")
-            except Exception as e:  # not a torch checkpoint at all
-                raise SystemExit(f"{ckpt} is not a checkpoint of train_imagenet.py or train_t2i.py ({e})") from None
+    ckpt = path / "checkpoint.pt" if path.is_dir() else path
+    if ckpt.suffix == ".pt" and ckpt.is_file():
+        try:
+            return torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("kind", "text-to-image")
+        except Exception as e:  # not a torch checkpoint at all
+            raise SystemExit(f"{ckpt} is not a checkpoint of train_imagenet.py or train_t2i.py ({e})") from None
     return "text-to-image"
 
 
@@ -132,7 +132,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
     src = Path(args.source)
     if not src.exists():
         raise SystemExit(f"{args.source}: no such file or folder")
-    ckpt = src / "ckpt.pt" if src.is_dir() else src
+    ckpt = src / "checkpoint.pt" if src.is_dir() else src
     if ckpt.is_file() and ckpt.suffix == ".pt":  # a train_t2i.py checkpoint records its base and schedule
         c = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
         c["config"]["model"] = args.model or c["config"]["model"]
@@ -166,7 +166,7 @@ def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, 
         pipe.fuse_lora(adapter_names=["dmd2"])
         return base.unet
     if src.is_dir():
-        raise SystemExit(f"{src}: no UNet (config.json), LoRA weights or checkpoint (ckpt.pt) in this folder")
+        raise SystemExit(f"{src}: no UNet (config.json), LoRA weights or checkpoint (checkpoint.pt) in this folder")
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
     try:  # the released fp16 weights: a plain state dict of the base model's UNet
         unet.load_state_dict(read_state_dict(src), strict=True)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None):
     if checkpoint_kind(args.source) == "class-conditional":
         if args.eval:
             raise SystemExit("--eval is for text-to-image; evaluate a class-conditional run with "
-                             "`python train_imagenet.py --out-dir RUN --eval-only`")
+                             "`python train_imagenet.py --out RUN --eval-only`")
         return class_conditional(args)
     args.out = args.out or "samples"
     return evaluate(args) if args.eval else text_to_image(args)

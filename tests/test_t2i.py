@@ -305,7 +305,7 @@ def test_sd15_one_step_train_resume_export_sample(pipes, data, tmp_path):
     _train([*args, "--iters", "4", "--out", str(tmp_path / "a")])
     _train([*args, "--iters", "2", "--out", str(tmp_path / "b")])
     _train([*args, "--iters", "4", "--out", str(tmp_path / "b"), "--resume"])
-    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=False) for r in "ab")
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in "ab")
     assert a["step"] == b["step"] == 4 and a["kind"] == "text-to-image"
     for k in a["nets"]:
         assert all(torch.equal(a["nets"][k][n], b["nets"][k][n]) for n in a["nets"][k]), "resume is exact"
@@ -344,7 +344,7 @@ def test_sdxl_four_step_gan_backward_simulation(pipes, data, tmp_path):
     _train(["--preset", "sdxl-4step", "--model", pipes["sdxl"], "--prompts", data["prompts"], "--real-images",
             data["real"], "--resolution", "32", "--batch", "2", "--ratio", "2", "--iters", "3", "--cache-latents",
             "--out", str(tmp_path / "r")])
-    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert set(ckpt["nets"]) == {"G", "fake", "head"} and (tmp_path / "r" / "latents_0of1.pt").is_file()
     assert "loss_gan_d" in (tmp_path / "r" / "log.txt").read_text()
     out = tmp_path / "r" / "export"
@@ -364,7 +364,7 @@ def test_lora_modes_export_for_load_lora_weights(mode, pipes, data, tmp_path):
     _train(["--preset", "sdxl-4step-lora", "--mode", mode, "--lora-rank", "4", "--lr", "1e-2", "--model",
             pipes["sdxl"], "--prompts", data["prompts"], "--real-images", data["real"], "--resolution", "32", "--batch",
             "2", "--ratio", "1", "--iters", "2", "--lr-warmup", "1", "--out", str(tmp_path / "r")])
-    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert all(".generator." in n for n in ckpt["nets"]["G"])
     assert all(".fake." in n for n in ckpt["nets"]["fake"]) == (mode == "shared-lora")
     out = tmp_path / "r" / "export"
@@ -400,7 +400,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(pipes, data, tmp_path, 
     with pytest.raises(SystemExit, match="non-finite loss at iteration 2.*step 2"):
         _train(["--preset", "sd15", "--model", pipes["sd15"], "--prompts", data["prompts"], "--resolution", "32",
                 "--batch", "1", "--ratio", "2", "--iters", "4", "--ckpt-every", "2", "--out", str(tmp_path / "r")])
-    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
 def test_evaluation_metrics(pipes, data, tmp_path, monkeypatch):
@@ -465,5 +465,5 @@ def test_one_step_sdxl_lpips_warmup(pipes, data, tmp_path, monkeypatch):
     x = pipe(prompt=pairs["prompts"][:1], latents=pairs["z"][:1].float(), height=32, width=32, guidance_scale=8.0,
              num_inference_steps=3, output_type="latent").images
     torch.testing.assert_close(x, pairs["x"][:1].float(), atol=1e-2, rtol=2e-3)  # stored in fp16
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 2 and T.student_timesteps(T.Config(**ckpt["config"])) == [399]

@@ -21,7 +21,7 @@ TINY = ["--teacher-iters", "20", "--classifier-iters", "30", "--iters", "12", "-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("run"))
-    metrics = ti.main(["--out-dir", run, *TINY])
+    metrics = ti.main(["--out", run, *TINY])
     return run, metrics
 
 
@@ -48,7 +48,7 @@ def test_default_run_writes_everything(tiny_run):
 def test_cached_teacher_is_reused(tiny_run, tmp_path):
     run, _ = tiny_run
     mtime = os.path.getmtime(os.path.join(run, "teacher.pt"))
-    metrics = ti.main(["--out-dir", run, *TINY, "--iters", "4"])
+    metrics = ti.main(["--out", run, *TINY, "--iters", "4"])
     assert os.path.getmtime(os.path.join(run, "teacher.pt")) == mtime
     assert metrics["timings"]["teacher_s"] == 0 and metrics["timings"]["classifier_s"] == 0
 
@@ -72,13 +72,13 @@ def test_resume_is_exact(tmp_path):
     args = ["--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3", "--ckpt-every",
             "3", "--eval-samples", "16", "--warmup", "2", "--channels", "8", "--lr", "1e-3", "--lr-final", "1e-4",
             "--decay-iters", "10"]
-    ti.main(["--out-dir", straight, "--iters", "12", *args])
+    ti.main(["--out", straight, "--iters", "12", *args])
     for f in ("teacher.pt", "classifier.pt"):  # same teacher, without training it twice
         os.makedirs(split, exist_ok=True)
         with open(os.path.join(straight, f), "rb") as src, open(os.path.join(split, f), "wb") as dst:
             dst.write(src.read())
-    ti.main(["--out-dir", split, "--iters", "6", *args])
-    ti.main(["--out-dir", split, "--resume", "--iters", "12"])
+    ti.main(["--out", split, "--iters", "6", *args])
+    ti.main(["--out", split, "--resume", "--iters", "12"])
     a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
     b = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)
     for key in ("G", "critic"):
@@ -89,7 +89,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     run = str(tmp_path)
-    common = ["--out-dir", run, "--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",
+    common = ["--out", run, "--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",
               "--ckpt-every", "2", "--eval-samples", "8", "--channels", "8"]
     ti.main([*common, "--iters", "2"])
     good = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
@@ -112,7 +112,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, 
     (["--t-min", "0.9", "--t-max", "0.1"], "t_min"),
 ])
 def test_bad_arguments_fail_early(argv, message, tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--out-dir", str(tmp_path), *argv],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--out", str(tmp_path), *argv],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert os.listdir(tmp_path) == [], "nothing written before the arguments are checked"
@@ -120,7 +120,7 @@ def test_bad_arguments_fail_early(argv, message, tmp_path):
 
 def test_resume_without_checkpoint_fails_early(tmp_path):
     with pytest.raises(SystemExit):
-        ti.parse_args(["--out-dir", str(tmp_path), "--resume"])
+        ti.parse_args(["--out", str(tmp_path), "--resume"])
 
 
 def test_imagenet_architecture_is_edms_296m_adm():
