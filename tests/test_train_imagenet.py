@@ -67,6 +67,27 @@ def test_sample_py_on_the_run(tiny_run, tmp_path):
         sample.main([run, "--labels", "12"])
 
 
+def test_ablation_writes_the_table_and_leaves_the_run_alone(tiny_run, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run[0], run)
+    before = open(os.path.join(run, "checkpoint.pt"), "rb").read()
+    table = ti.main(["--out", run, "--ablation", *TINY])
+    assert open(os.path.join(run, "checkpoint.pt"), "rb").read() == before, "the run's own checkpoint is untouched"
+    assert open(os.path.join(run, "ablation.md")).read() == table
+    assert os.path.isfile(os.path.join(run, "ablation_brightness.png"))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert [r[0] for r in rows[:4]] == list(ti.ABLATION)
+    assert all(float(r[1]) > 0 and 0 <= float(r[2]) <= 1 and float(r[3]) >= 0 for r in rows[:4])
+    assert rows[4][0].startswith("teacher, 4 NFE") and rows[5][0].startswith("teacher, 35 NFE")
+    assert rows[6][0] == "real vs real (floor)"
+    for name, over in ti.ABLATION.items():  # each variant trained with its own settings, from the same teacher
+        slug = name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower()
+        cfg = ti.read_checkpoint(os.path.join(run, "ablation", slug))["config"]
+        assert all(getattr(cfg, k) == v for k, v in over.items()) and cfg.iters == 12
+
+
 def test_resume_is_exact(tmp_path):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     args = ["--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3", "--ckpt-every",
