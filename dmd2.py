@@ -254,6 +254,9 @@ def dmd_gradient(x: torch.Tensor, real: Denoiser, fake: Denoiser, schedule: Sche
     x_t = schedule.add_noise(x, noise, t)
     x0_real = guided(real, w, uncond)(x_t, t, cond).float()  # mu_real, guided
     x0_fake = fake(x_t, t, cond).float()  # mu_fake, never guided
+    if not bool(torch.isfinite(x0_real).all() & torch.isfinite(x0_fake).all()):  # nan_to_num below would hide it
+        which = "teacher (mu_real)" if not torch.isfinite(x0_real).all() else "fake score (mu_fake)"
+        raise FloatingPointError(f"the {which} predicts a non-finite x0 in Eq. 2")
     p_real, p_fake = x - x0_real, x - x0_fake
     norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # one weight per sample
     return torch.nan_to_num((p_real - p_fake) / norm)

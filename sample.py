@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 import dmd2
+from support import metrics, runs, sd
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = runs.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("source", help="the student: run folder / checkpoint, exported or UNet folder, state dict, LoRA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="a folder (one PNG per image), or a .png path for one grid (default: samples/; "
@@ -71,10 +72,8 @@ def checkpoint_kind(source: str) -> str:
     path = Path(source)
     ckpt = path / "checkpoint.pt" if path.is_dir() else path
     if ckpt.suffix == ".pt" and ckpt.is_file():
-        try:
-            return torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("kind", "text-to-image")
-        except Exception as e:  # not a torch checkpoint at all
-            raise SystemExit(f"{ckpt} is not a checkpoint of train_imagenet.py or train_t2i.py ({e})") from None
+        return runs.load_file(ckpt, "checkpoint of train_imagenet.py or train_t2i.py", mmap=True).get(
+            "kind", "text-to-image")
     return "text-to-image"
 
 
@@ -84,30 +83,19 @@ def checkpoint_kind(source: str) -> str:
 
 def class_conditional(args: argparse.Namespace) -> str:
     """A grid from a train_imagenet.py run: a row per requested label, `--n` one-step samples each."""
-    from torchvision.utils import save_image
-
-    from train_imagenet import autocast, load_generator
+    from support.edm import load_generator, save_grid
 
     device = torch.device(args.device)
-    try:
-        G, cfg = load_generator(args.source, device, ema=args.ema)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    labels = list(range(min(cfg.label_dim, 10))) if args.labels is None else args.labels
-    bad = [y for y in labels if not 0 <= y < cfg.label_dim]
+    G, cfg = load_generator(args.source, device, ema=args.ema)
+    label_dim, resolution = cfg["label_dim"], cfg["resolution"]
+    labels = list(range(min(label_dim, 10))) if args.labels is None else args.labels
+    bad = [y for y in labels if not 0 <= y < label_dim]
     if bad:
-        raise SystemExit(f"--labels {bad}: this generator has classes 0..{cfg.label_dim - 1}")
-    y = torch.tensor(labels, device=device).repeat_interleave(args.n)
-    gen = torch.Generator(device).manual_seed(args.seed)
+        raise ValueError(f"--labels {bad}: this generator has classes 0..{label_dim - 1}")
     channels = next(iter(G.net.model.enc.values())).in_channels
-    z = torch.randn(len(y), channels, cfg.resolution, cfg.resolution, generator=gen, device=device)
-    images = []
-    with torch.no_grad(), autocast(device):
-        for i in range(0, len(y), args.batch):  # x = G(sigma_max z; sigma_max, label): one network evaluation
-            images.append(dmd2.sample(G, z[i:i + args.batch], G.schedule, [G.schedule.T - 1], y[i:i + args.batch]))
     out = args.out or os.path.join(args.source if os.path.isdir(args.source) else os.path.dirname(args.source),
                                    "samples_cli.png")
-    save_image(torch.cat(images).float() * 0.5 + 0.5, out, nrow=args.n, padding=1)
+    save_grid(G, labels, args.n, channels, resolution, args.seed, out, args.batch)  # x = G(80 z; 80, label)
     print(f"wrote {out}")
     return out
 
@@ -118,60 +106,59 @@ def class_conditional(args: argparse.Namespace) -> str:
 
 def read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
-        raise SystemExit(f"--prompts {path}: no such file")
+        raise ValueError(f"--prompts {path}: no such file")
     lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
     if not lines:
-        raise SystemExit(f"--prompts {path}: no prompts in the file")
+        raise ValueError(f"--prompts {path}: no prompts in the file")
     return lines
 
 
 def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
     """(base model, metadata, our checkpoint or None) of SOURCE, without loading any network."""
-    import train_t2i as t2i
-
     src = Path(args.source)
     if not src.exists():
-        raise SystemExit(f"{args.source}: no such file or folder")
+        raise ValueError(f"{args.source}: no such file or folder")
     ckpt = src / "checkpoint.pt" if src.is_dir() else src
     if ckpt.is_file() and ckpt.suffix == ".pt":  # a train_t2i.py checkpoint records its base and schedule
-        c = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        c["config"]["model"] = args.model or c["config"]["model"]
-        cfg = t2i.Config(**c["config"])
-        return cfg.model, {"timesteps": t2i.student_timesteps(cfg), "resolution": cfg.resolution}, c
+        c = runs.load_file(ckpt, "checkpoint of train_t2i.py", mmap=True)
+        cfg = c["config"]
+        cfg["model"] = args.model or cfg["model"]
+        return cfg["model"], {"timesteps": sd.student_timesteps(cfg["steps"], cfg["conditioning_timestep"]),
+                              "resolution": cfg["resolution"]}, c
     meta = json.loads((src / "dmd2.json").read_text()) if (src / "dmd2.json").is_file() else {}
     model = args.model or meta.get("model")
     if not model:
-        raise SystemExit(f"{args.source}: pass --model, the base model these weights belong to")
-    t2i.model_index(model)
+        raise ValueError(f"{args.source}: pass --model, the base model these weights belong to")
+    sd.model_index(model)
     return model, meta, None
 
 
 def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, dtype: torch.dtype):
-    """The student's UNet from any kind of SOURCE, on base's device."""
+    """The student's UNet from any kind of SOURCE, on base's device, with no LoRA layers left: a LoRA generator is
+    fused into the base weights (a UNet with peft layers switched off, as the teacher runs, would be the teacher)."""
     from diffusers import UNet2DConditionModel
-
-    import train_t2i as t2i
 
     device, src = base.vae.device, Path(args.source)
     if ckpt is not None:
-        return t2i.load_student(ckpt, device, dtype)
+        return sd.load_student(ckpt, device, dtype)
     for folder in (src / "unet", src):  # a diffusers UNet folder (an export folder holds one in unet/)
         if (folder / "config.json").is_file():
             return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype).to(device)
     lora = lora_file(src)
     if lora is not None:  # LoRA weights: loaded and fused as a user would, through a stock pipeline
-        base.unet = t2i.load_unet(model, device, dtype)
-        pipe = t2i.teacher_pipeline(base, model)
+        base.unet = sd.load_unet(model, device, dtype)
+        pipe = sd.teacher_pipeline(base, model)
         pipe.load_lora_weights(str(lora), adapter_name="dmd2")
         pipe.fuse_lora(adapter_names=["dmd2"])
+        pipe.unload_lora_weights()  # the fused weights stay; the peft layers go
         return base.unet
     if src.is_dir():
-        raise SystemExit(f"{src}: no UNet (config.json), LoRA weights or checkpoint (checkpoint.pt) in this folder")
+        raise ValueError(f"{src}: no UNet (config.json), LoRA weights or checkpoint (checkpoint.pt) in this folder")
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
     try:  # the released fp16 weights: a plain state dict of the base model's UNet
         unet.load_state_dict(read_state_dict(src), strict=True)
     except (RuntimeError, OSError, ValueError) as e:
-        raise SystemExit(f"{src}: not a state dict of {model}'s UNet ({str(e).splitlines()[0]})") from e
+        raise ValueError(f"{src}: not a state dict of {model}'s UNet ({str(e).splitlines()[0]})") from e
     return unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
 
 
@@ -193,7 +180,8 @@ def lora_file(src: Path) -> Path | None:
             with safe_open(str(f), "pt") as s:
                 if any("lora" in k for k in s.keys()):
                     return f
-        elif f.suffix == ".bin" and any("lora" in k for k in torch.load(f, map_location="cpu", mmap=True)):
+        elif f.suffix == ".bin" and any("lora" in k for k in torch.load(f, map_location="cpu", mmap=True,
+                                                                             weights_only=True)):
             return f
     return None
 
@@ -201,40 +189,41 @@ def lora_file(src: Path) -> Path | None:
 def timesteps_for(args: argparse.Namespace, meta: dict, sdxl: bool) -> list[int]:
     if args.timesteps:
         if not all(0 <= t < 1000 for t in args.timesteps):
-            raise SystemExit("--timesteps must lie in [0, 1000)")
+            raise ValueError("--timesteps must lie in [0, 1000)")
         return args.timesteps
     if args.steps:
         return ([399] if sdxl else [999]) if args.steps == 1 else dmd2.step_timesteps(args.steps)
     if "timesteps" in meta:
         return meta["timesteps"]
-    raise SystemExit("pass --steps 1 or 4 (or --timesteps): these weights do not record their schedule")
+    raise ValueError("pass --steps 1 or 4 (or --timesteps): these weights do not record their schedule")
 
 
 def text_to_image(args: argparse.Namespace) -> torch.Tensor:
     """One image per prompt, [N, 3, H, W] in [0, 1], saved to --out (a folder, or one grid .png)."""
     from torchvision.utils import make_grid, save_image
 
-    import train_t2i as t2i
-
     prompts = list(args.prompt) + (read_lines(args.prompts) if args.prompts else [])
     if not prompts:
-        raise SystemExit("give --prompt TEXT (repeatable) or --prompts FILE")
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, meta, ckpt = resolve_source(args)
-    base = t2i.load_base(model, device, dtype, unet=False)
+    base = sd.load_base(model, device, dtype, unet=False)
     timesteps = timesteps_for(args, meta, base.sdxl)
     unet = load_student(args, base, model, ckpt, dtype)
-    G = t2i.EpsUNet(unet.requires_grad_(False), base.schedule)
+    G = sd.EpsUNet(unet.requires_grad_(False), base.schedule)
     res = args.resolution or meta.get("resolution") or unet.config.sample_size * base.vae_factor
+    multiple = base.vae_factor * 2 ** (len(unet.config.down_block_types) - 1)
+    if res % multiple:
+        raise ValueError(f"--resolution {res}: must be a multiple of {multiple} (VAE x UNet downsampling)")
     latent = res // base.vae_factor
     images = []
     for b in range(0, len(prompts), args.batch):
         batch = prompts[b:b + args.batch]
         g = torch.Generator(device).manual_seed(args.seed + b)
         z = torch.randn(len(batch), unet.config.in_channels, latent, latent, generator=g, device=device)
-        x0 = dmd2.sample(G, z, base.schedule, timesteps, t2i.encode_prompts(base, batch, res), g)
-        images.append(t2i.decode(base, x0).cpu())
+        x0 = dmd2.sample(G, z, base.schedule, timesteps, sd.encode_prompts(base, batch, res), g)
+        images.append(sd.decode(base, x0).cpu())
     images = torch.cat(images)
     out = Path(args.out)
     if out.suffix == ".png":
@@ -253,101 +242,56 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
 # Evaluation (App. G): clean-fid FID and patch FID, OpenCLIP ViT-g-14 CLIP score.
 
 
-def centre_crop_resize(size: int | None):
-    """The long edge centre-cropped to a square, then LANCZOS-resized to `size` (clean-fid's image hook)."""
-    import numpy as np
-    from PIL import Image
-
-    def f(img: np.ndarray) -> np.ndarray:
-        h, w = img.shape[:2]
-        s = min(h, w)
-        img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS)) if size else img
-
-    return f
-
-
-def centre_patch(size: int = 299):
-    def f(img):
-        h, w = img.shape[:2]
-        return img[(h - size) // 2:(h - size) // 2 + size, (w - size) // 2:(w - size) // 2 + size]
-
-    return f
-
-
-def fid_extractor(device: torch.device):
-    """clean-fid's feature network; None: its default Inception-v3 (downloaded on first use)."""
-    return None
-
-
-def load_clip(name: str, pretrained: str, device: torch.device):
-    """(model, image preprocess, tokenizer) from open_clip."""
-    import open_clip
-
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
-
-
-@torch.no_grad()
-def clip_score(folder: Path, prompts: list[str], args: argparse.Namespace) -> float:
-    """Mean cosine similarity of image and prompt embeddings (the paper's 0.33 scale)."""
-    from PIL import Image
-
-    device = torch.device(args.device)
-    model, preprocess, tokenizer = load_clip(args.clip_model, args.clip_pretrained, device)
-    crop, scores = centre_crop_resize(256), []
-    import numpy as np
-
-    for b in range(0, len(prompts), args.batch):
-        idx = range(b, min(b + args.batch, len(prompts)))
-        imgs = torch.stack([preprocess(Image.fromarray(crop(np.asarray(Image.open(folder / f"{i:05d}.png")
-                                                                                 .convert("RGB")))))
-                            for i in idx]).to(device)
-        fi = torch.nn.functional.normalize(model.encode_image(imgs).float(), dim=-1)
-        ft = torch.nn.functional.normalize(model.encode_text(tokenizer([prompts[i] for i in idx]).to(device))
-                                           .float(), dim=-1)
-        scores.append((fi * ft).sum(-1).cpu())
-    return torch.cat(scores).mean().item()
-
-
 def evaluate(args: argparse.Namespace) -> dict:
     """Generate one image per prompt into --out, then FID, patch FID and CLIP score against --ref-images."""
-    from cleanfid import fid
-
     if not args.prompts or not args.ref_images or not os.path.isdir(args.ref_images):
-        raise SystemExit("--eval needs --prompts FILE and --ref-images FOLDER")
+        raise ValueError("--eval needs --prompts FILE and --ref-images FOLDER")
     if Path(args.out).suffix == ".png":
-        raise SystemExit("--eval writes one image per prompt: --out must be a folder")
+        raise ValueError("--eval writes one image per prompt: --out must be a folder")
     images = text_to_image(args)
     out, device = Path(args.out), torch.device(args.device)
     res = images.shape[-1]
     eval_res = args.eval_res or (512 if res >= 1024 else 256)
-    kw = dict(mode="clean", device=device, num_workers=0, batch_size=args.batch, verbose=False,
-              custom_feat_extractor=fid_extractor(device), use_dataparallel=False)
-    metrics = {"images": len(images), "resolution": res, "eval_res": eval_res,
-               "fid": fid.compute_fid(str(out), args.ref_images, custom_image_tranform=centre_crop_resize(eval_res),
-                                      **kw)}
+    results = {"images": len(images), "resolution": res, "eval_res": eval_res,
+               "fid": metrics.folder_fid(out, args.ref_images, metrics.centre_crop_resize(eval_res), device,
+                                         args.batch)}
     if res >= 299:  # patch FID (Table 2): detail at full resolution
-        metrics["patch_fid"] = fid.compute_fid(str(out), args.ref_images, custom_image_tranform=centre_patch(299), **kw)
+        results["patch_fid"] = metrics.folder_fid(out, args.ref_images, metrics.centre_patch(299), device, args.batch)
     else:
         print(f"patch FID skipped: images are {res} px, smaller than the 299 px patch")
-    metrics["clip_score"] = clip_score(out, read_lines(args.prompts), args)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(json.dumps(metrics))
-    return metrics
+    clip = metrics.load_clip(args.clip_model, args.clip_pretrained, device)
+    results["clip_score"] = metrics.clip_score(out, read_lines(args.prompts), clip, device, args.batch)
+    (out / "metrics.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results))
+    return results
+
+
+def check_source(source: str) -> str:
+    """'class-conditional' or 'text-to-image', or a one-line error for a SOURCE that holds no student."""
+    src = Path(source)
+    if not src.exists():
+        raise ValueError(f"{source}: no such file or folder")
+    if src.is_dir() and not any((src / f).is_file() for f in ("checkpoint.pt", "config.json", "unet/config.json",
+                                                               "dmd2.json")) and lora_file(src) is None:
+        raise ValueError(f"{source}: no student here: expected a run folder (checkpoint.pt), an export or diffusers "
+                         f"UNet folder (config.json, unet/), or LoRA weights (pytorch_lora_weights.*)")
+    return checkpoint_kind(source)
 
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    if not os.path.exists(args.source):
-        raise SystemExit(f"{args.source}: no such file or folder")
-    if checkpoint_kind(args.source) == "class-conditional":
-        if args.eval:
-            raise SystemExit("--eval is for text-to-image; evaluate a class-conditional run with "
-                             "`python train_imagenet.py --out RUN --eval-only`")
-        return class_conditional(args)
-    args.out = args.out or "samples"
-    return evaluate(args) if args.eval else text_to_image(args)
+    with runs.one_line_errors():
+        if check_source(args.source) == "class-conditional":
+            if args.eval:
+                raise ValueError("--eval is for text-to-image; evaluate a class-conditional run with "
+                                 "`python train_imagenet.py --out RUN --eval-only`")
+            if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(args.out) or ".")):
+                raise ValueError(f"--out {args.out}: give a .png file path in an existing folder (one grid)")
+            return class_conditional(args)
+        args.out = args.out or "samples"
+        if os.path.isfile(args.out) and Path(args.out).suffix != ".png":
+            raise ValueError(f"--out {args.out} is a file: give a folder (one PNG per image) or a .png path (a grid)")
+        return evaluate(args) if args.eval else text_to_image(args)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,17 @@ import sys
 import torch
 
 import train_t2i
+from support import sd
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    seen, gather = {}, train_t2i.trainable_state
+    seen, gather = {}, sd.trainable_state
 
-    def recorded(nets, cfg):
-        seen["state"] = gather(nets, cfg)
+    def recorded(nets, fsdp):
+        seen["state"] = gather(nets, fsdp)
         return seen["state"]
 
-    train_t2i.trainable_state = recorded
+    sd.trainable_state = recorded
     out, argv = sys.argv[1], sys.argv[2:]
     train_t2i.main(argv)
     torch.save(seen["state"], os.path.join(out, f"rank{os.environ['RANK']}.pt"))

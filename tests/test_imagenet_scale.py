@@ -10,7 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from test_edm_io import EDMPersistence, random_images, tiny_edm_net, write_dataset
+from test_data import random_images, write_dataset
+from test_edm import EDMPersistence, tiny_edm_net
 
 import train_imagenet as ti
 
@@ -39,20 +40,22 @@ def inputs(tmp_path_factory):
 
 def test_paper_path_trains_and_evaluates(inputs, tmp_path, monkeypatch):
     pkl, data, ref, net = inputs
-    monkeypatch.setattr(ti, "inception_extractor", stand_in_extractor)
+    monkeypatch.setattr(ti.metrics, "inception_extractor", stand_in_extractor)
     run = str(tmp_path / "run")
     metrics = ti.main(["--teacher", pkl, "--data", data, "--ref", ref, "--out", run, "--resolution", "8",
                        "--label-dim", "10", "--batch", "4", "--iters", "6", "--log-every", "2", "--ckpt-every", "3",
                        "--eval-samples", "32", "--workers", "0", "--lr", "1e-3"])
-    cfg = ti.read_checkpoint(run)["config"]
-    assert (cfg.ratio, cfg.gan_g, cfg.gan_d, cfg.weight_decay, cfg.max_grad_norm) == (5, 3e-3, 1e-2, 0.01, 10.0)
-    assert cfg.warmup == 500 and cfg.lr_final is None, "the paper's settings (constant lr) are the defaults"
+    cfg = ti.edm.read_checkpoint(run)["config"]
+    assert tuple(cfg[k] for k in ("ratio", "gan_g", "gan_d", "weight_decay", "max_grad_norm")) == (5, 3e-3, 1e-2,
+                                                                                                 0.01, 10.0)
+    assert cfg["lr_final"] is None, "the paper's settings (constant lr) are the defaults"
+    assert cfg["warmup"] == 72, "the authors' 500 warm-up steps advanced once per process (7) per iteration"
     assert metrics["student"]["fd"] > 0 and "teacher" not in metrics
-    ck = ti.read_checkpoint(run)
+    ck = ti.edm.read_checkpoint(run)
     assert ck["critic"]["head.proj.weight"].shape == (1, 16), "GAN head on the 4x4x16 bottleneck"
     # G started from the teacher and moved; the teacher's own weights are those of the pickle
-    G, _ = ti.load_generator(run)
-    teacher = ti.edm_teacher(pkl)
+    G, _ = ti.edm.load_generator(run)
+    teacher = ti.edm.edm_teacher(pkl)
     assert any(not torch.equal(a, b) for a, b in zip(G.net.state_dict().values(), teacher.state_dict().values(),
                                                          strict=True))
     assert all(torch.equal(a, b) for a, b in zip(teacher.model.state_dict().values(), net.model.state_dict().values(),
@@ -73,14 +76,14 @@ def test_two_phase_schedule(tmp_path):
               "--eval-samples", "8", "--channels", "8"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     ti.main(["--out", one, *common, "--iters", "3", "--gan-g", "0", "--gan-d", "0"])
-    assert not any(k.startswith("head.") for k in ti.read_checkpoint(one)["critic"])
+    assert not any(k.startswith("head.") for k in ti.edm.read_checkpoint(one)["critic"])
     os.makedirs(two)
     for f in ("teacher.pt", "classifier.pt"):
         with open(os.path.join(one, f), "rb") as a, open(os.path.join(two, f), "wb") as b:
             b.write(a.read())
     ti.main(["--out", two, *common, "--iters", "2", "--init-from", one, "--lr", "0", "--gan-g", "3e-3",
              "--gan-d", "1e-2"])
-    a, b = ti.read_checkpoint(one), ti.read_checkpoint(two)
+    a, b = ti.edm.read_checkpoint(one), ti.edm.read_checkpoint(two)
     assert all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"]), "lr 0: G is phase 1's"
     assert all(torch.equal(a["critic"][k], b["critic"][k]) for k in a["critic"])
     assert any(k.startswith("head.") for k in b["critic"]) and b["step"] == 2
@@ -117,11 +120,38 @@ def test_two_process_ddp_gives_identical_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(os.path.join(run, "rank0.pt"), weights_only=False)
     r1 = torch.load(os.path.join(run, "rank1.pt"), weights_only=False)
-    start = ti.small_unet(16, 8, 10)
+    start = ti.edm.small_unet(16, 8, 10)
     start.load_state_dict(torch.load(os.path.join(run, "teacher.pt"), weights_only=False)["net"])
     for key in ("G", "critic"):
         assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key]), f"{key} differs between ranks"
     assert not torch.equal(r0["G"]["net.model.out_conv.weight"], start.model.out_conv.weight), "G trained"
-    ck = ti.read_checkpoint(run)
+    ck = ti.edm.read_checkpoint(run)
     assert len(ck["rng"]) == 2 and ck["rng"][0]["gen"].tolist() != ck["rng"][1]["gen"].tolist(), "per-rank seeds"
     assert all(torch.equal(ck["G"][k], r0["G"][k]) for k in ck["G"])
+
+
+def test_bad_reference_statistics_fail_before_training(inputs, tmp_path):
+    pkl, data, ref, _net = inputs
+    (tmp_path / "not.npz").write_text("not an npz")
+    np.savez(tmp_path / "keys.npz", mean=np.zeros(6), cov=np.eye(6))
+    for bad in ("not.npz", "keys.npz"):
+        out = tmp_path / f"run-{bad}"
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--teacher", pkl, "--data",
+                               data, "--ref", str(tmp_path / bad), "--out", str(out), "--resolution", "8",
+                               "--label-dim", "10"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "--ref" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()
+
+
+def test_teacher_resolution_and_channels_are_checked(inputs, tmp_path, capsys):
+    """An 8 px RGB teacher: 16 px data at --resolution 16, or 1-channel data, stop before training in one line."""
+    pkl, _data, _ref, _net = inputs
+    big = write_dataset(tmp_path / "big.zip", random_images(8, res=16), [0] * 8)
+    gray = write_dataset(tmp_path / "gray.zip", random_images(8, res=8, channels=1), [0] * 8)
+    for data, res, message in ((big, "16", "8 px network, --resolution is 16"), (gray, "8", "3-channel images")):
+        with pytest.raises(SystemExit) as e:
+            ti.main(["--teacher", pkl, "--data", data, "--out", str(tmp_path / "r"), "--resolution", res,
+                     "--label-dim", "10", "--batch", "4", "--workers", "0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "r" / "log.jsonl").exists()

@@ -6,6 +6,8 @@ LoRA mode against three separate UNets, and the scripts end to end (train, resum
 import copy
 import io
 import json
+import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from tiny_pipelines import tiny_sd15, tiny_sdxl, write_image_folder
 import dmd2
 import sample
 import train_t2i as T
+from support import sd
+from support.data import CaptionedImages
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +47,7 @@ def data(tmp_path_factory):
 
 
 def _cond(base, prompts=("a cat", "the dog")):
-    return T.encode_prompts(base, list(prompts), 32)
+    return sd.encode_prompts(base, list(prompts), 32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,10 +55,10 @@ def _cond(base, prompts=("a cat", "the dog")):
 
 
 def test_sd15_condition_is_the_pipelines(pipes):
-    base = T.load_base(pipes["sd15"], torch.device("cpu"), unet=False)
+    base = sd.load_base(pipes["sd15"], torch.device("cpu"), unet=False)
     pipe = StableDiffusionPipeline.from_pretrained(pipes["sd15"])
     cond, neg = pipe.encode_prompt(["a cat", "the dog"], "cpu", 1, True)  # negative: embedding of ""
-    c, u = _cond(base), T.unconditional(base, 32)
+    c, u = _cond(base), sd.unconditional(base, 32)
     assert not base.sdxl and set(c) == set(u) == {"encoder_hidden_states"}
     torch.testing.assert_close(c["encoder_hidden_states"], cond)
     torch.testing.assert_close(u["encoder_hidden_states"], neg[:1])
@@ -62,11 +66,11 @@ def test_sd15_condition_is_the_pipelines(pipes):
 
 
 def test_sdxl_condition_is_the_pipelines(pipes):
-    base = T.load_base(pipes["sdxl"], torch.device("cpu"), unet=False)
+    base = sd.load_base(pipes["sdxl"], torch.device("cpu"), unet=False)
     pipe = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"])
     cond, neg, pooled, neg_pooled = pipe.encode_prompt(["a cat", "the dog"], device="cpu", num_images_per_prompt=1,
                                                        do_classifier_free_guidance=True)
-    c, u = _cond(base), T.unconditional(base, 32)
+    c, u = _cond(base), sd.unconditional(base, 32)
     assert base.sdxl and c["encoder_hidden_states"].shape == (2, 16, 64)  # penultimate states of both encoders
     torch.testing.assert_close(c["encoder_hidden_states"], cond)
     torch.testing.assert_close(c["text_embeds"], pooled)
@@ -79,11 +83,11 @@ def test_sdxl_condition_is_the_pipelines(pipes):
 
 
 def test_denoiser_is_x0_from_epsilon_and_bottleneck_is_mid_block(pipes):
-    base = T.load_base(pipes["sdxl"], torch.device("cpu"))
+    base = sd.load_base(pipes["sdxl"], torch.device("cpu"))
     unet, c = base.unet, _cond(base)
     g = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 10])
-    abar = T.DDPMScheduler.from_pretrained(pipes["sdxl"], subfolder="scheduler").alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = sd.DDPMScheduler.from_pretrained(pipes["sdxl"], subfolder="scheduler").alphas_cumprod[t].view(-1, 1, 1, 1)
     added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
     with torch.no_grad():
         eps = unet(x_t, t, c["encoder_hidden_states"], added_cond_kwargs=added).sample
@@ -91,7 +95,7 @@ def test_denoiser_is_x0_from_epsilon_and_bottleneck_is_mid_block(pipes):
         h = unet.mid_block.register_forward_hook(lambda m, a, o: mid.append(o))
         unet(x_t, t, c["encoder_hidden_states"], added_cond_kwargs=added)
         h.remove()
-        net = T.EpsUNet(unet, base.schedule)
+        net = sd.EpsUNet(unet, base.schedule)
         torch.testing.assert_close(net(x_t, t, c), (x_t - (1 - abar).sqrt() * eps) / abar.sqrt(), atol=1e-4,
                                    rtol=1e-4)
         hooks = [m.register_forward_hook(lambda m, a, o: ups.append(1)) for m in (*unet.up_blocks, unet.conv_out)]
@@ -103,11 +107,11 @@ def test_denoiser_is_x0_from_epsilon_and_bottleneck_is_mid_block(pipes):
 
 
 def test_teacher_guidance_is_one_batched_call(pipes):
-    base = T.load_base(pipes["sdxl"], torch.device("cpu"))
-    c, u = _cond(base), T.unconditional(base, 32)
+    base = sd.load_base(pipes["sdxl"], torch.device("cpu"))
+    c, u = _cond(base), sd.unconditional(base, 32)
     seen = []
     base.unet.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
-    teacher, w = T.EpsUNet(base.unet, base.schedule), 8.0
+    teacher, w = sd.EpsUNet(base.unet, base.schedule), 8.0
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 700])
     with torch.no_grad():
         out = dmd2.guided(teacher, w, u)(x_t, t, c)
@@ -183,7 +187,7 @@ def _three_ways(pipe, shared, checkpointing="ours"):
     unet0 = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet").requires_grad_(False)
 
     def lora(u, name, seed):  # random non-zero adapters, equal in both set-ups
-        params, g = T.add_lora(u, name, cfg), torch.Generator().manual_seed(seed)
+        params, g = sd.add_lora(u, name, cfg.lora_rank, cfg.lora_alpha), torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in params:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
@@ -193,22 +197,22 @@ def _three_ways(pipe, shared, checkpointing="ours"):
         u = copy.deepcopy(unet0)
         gp, fp = lora(u, "generator", 1), lora(u, "fake", 2)
         if checkpointing == "ours":
-            u.enable_gradient_checkpointing(T.checkpoint_as_run)
+            u.enable_gradient_checkpointing(sd.checkpoint_as_run)
         else:
             u.enable_gradient_checkpointing()  # diffusers' default recomputation
-        G, F, teacher = T.EpsUNet(u, sch, "generator"), T.EpsUNet(u, sch, "fake"), T.EpsUNet(u, sch)
+        G, F, teacher = sd.EpsUNet(u, sch, "generator"), sd.EpsUNet(u, sch, "fake"), sd.EpsUNet(u, sch)
     else:
         ut, ug, uf = (copy.deepcopy(unet0) for _ in range(3))
         gp, fp = lora(ug, "generator", 1), lora(uf, "fake", 2)
-        G, F, teacher = T.EpsUNet(ug, sch, "generator"), T.EpsUNet(uf, sch, "fake"), T.EpsUNet(ut, sch)
+        G, F, teacher = sd.EpsUNet(ug, sch, "generator"), sd.EpsUNet(uf, sch, "fake"), sd.EpsUNet(ut, sch)
     for p in gp + fp:
         p.requires_grad_(True)
     torch.manual_seed(5)
     head = dmd2.GANHead(64, 4)
-    G, F, H = T.Net(G, gp), T.Net(F, fp), T.Net(head, list(head.parameters()))
+    G, F, H = sd.Net(G, gp), sd.Net(F, fp), sd.Net(head, list(head.parameters()))
     g = torch.Generator().manual_seed(0)
     cond = {"encoder_hidden_states": torch.randn(2, 16, 64, generator=g),
-            "text_embeds": torch.randn(2, 32, generator=g), "time_ids": T.time_ids(32, 2, "cpu")}
+            "text_embeds": torch.randn(2, 32, generator=g), "time_ids": sd.time_ids(32, 2, "cpu")}
     uncond = {k: v[:1] if k == "time_ids" else torch.zeros_like(v[:1]) for k, v in cond.items()}
     hp, rng = dmd2.TTUR(ratio=1, gan_g=0.5, gan_d=0.5, w=3.0, max_grad_norm=1e9), torch.Generator().manual_seed(1)
     g_opt, c_opt = torch.optim.SGD(G.params, lr=1.0), torch.optim.SGD(F.params + H.params, lr=1.0)
@@ -260,9 +264,11 @@ def test_bad_inputs(pipes, data, tmp_path):
             T.main(argv)
     with pytest.raises(SystemExit):  # argparse: unknown preset
         T.main(["--preset", "sd99", *ok])
+    with pytest.raises(ValueError, match="smaller than --resolution"):  # found when the data is opened
+        CaptionedImages(data["real"], 64)
     with pytest.raises(SystemExit, match="smaller than --resolution"):
-        T.RealImages(data["real"], 64)[0]
-    with pytest.raises(SystemExit, match="--model"):
+        T.main(["--preset", "sdxl-4step", *xl, "--real-images", data["real"], "--resolution", "64"])
+    with pytest.raises(SystemExit, match="no student here"):
         sample.main([str(tmp_path), "--prompt", "x"])
     torch.save({"conv_in.weight": torch.zeros(1)}, tmp_path / "wrong.bin")
     with pytest.raises(SystemExit, match="not a state dict"):
@@ -274,19 +280,19 @@ def test_bad_inputs(pipes, data, tmp_path):
 def test_real_images_from_folder_and_tar_shards(data, tmp_path):
     import webdataset as wds
 
-    folder = T.RealImages(data["real"], 32)
+    folder = CaptionedImages(data["real"], 32)
     with wds.TarWriter(str(tmp_path / "00000.tar")) as w:  # the way img2dataset writes its shards
         for i in range(len(folder)):
             img, cap = Image.open(folder.items[i][0]), open(folder.items[i][1]).read()
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             w.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "txt": cap, "json": json.dumps({"i": i})})
-    tar = T.RealImages(str(tmp_path), 32)
+    tar = CaptionedImages(str(tmp_path), 32)
     assert len(tar) == len(folder) == 6
     for i in range(6):
         (a, ca), (b, cb) = folder[i], tar[i]
         assert ca == cb and torch.equal(a, b) and a.shape == (3, 32, 32) and -1 <= a.min() and a.max() <= 1
-    halves = [T.RealImages(str(tmp_path), 32, rank=r, world=2) for r in range(2)]
+    halves = [CaptionedImages(str(tmp_path), 32, rank=r, world=2) for r in range(2)]
     assert sorted(c for h in halves for c in (h[i][1] for i in range(len(h)))) == sorted(folder[i][1] for i in
                                                                                      range(6))
 
@@ -310,6 +316,10 @@ def test_sd15_one_step_train_resume_export_sample(pipes, data, tmp_path):
     for k in a["nets"]:
         assert all(torch.equal(a["nets"][k][n], b["nets"][k][n]) for n in a["nets"][k]), "resume is exact"
     assert str(a["opts"]) == str(b["opts"]) and a["rng"][0]["noise"].equal(b["rng"][0]["noise"])
+    # warm-up counts training iterations for both optimisers (the generator's schedule advances on every one)
+    assert a["scheds"]["g_opt"]["last_epoch"] == a["scheds"]["c_opt"]["last_epoch"] == 4
+    assert a["scheds"]["g_opt"]["_last_lr"] == a["scheds"]["c_opt"]["_last_lr"] == [1e-3 * 5 / 8]
+    assert all(p["lr_warmup"] == 8 for p in T.PRESETS.values()), "500 warm-up steps / 64 processes"
     teacher = UNet2DConditionModel.from_pretrained(pipes["sd15"], subfolder="unet").state_dict()
     assert any(not torch.equal(teacher[n.removeprefix("unet.")], v) for n, v in a["nets"]["G"].items())
     # the released form: an fp16 state dict that loads strictly into the base UNet's config
@@ -332,9 +342,9 @@ def test_stock_lcm_pipeline_is_the_paper_sampler(pipes):
     """One step at t = 399 (SDXL) through diffusers' LCMScheduler with explicit timesteps equals dmd2.sample."""
     pipe = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"])
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    base = T.load_base(pipes["sdxl"], torch.device("cpu"))
+    base = sd.load_base(pipes["sdxl"], torch.device("cpu"))
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = T.decode(base, dmd2.sample(T.EpsUNet(base.unet, base.schedule), z, base.schedule, [399],
+    ours = sd.decode(base, dmd2.sample(sd.EpsUNet(base.unet, base.schedule), z, base.schedule, [399],
                                       _cond(base, ["a cat"])))
     theirs = pipe("a cat", latents=z, timesteps=[399], guidance_scale=0, height=32, width=32, output_type="pt").images
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=0)
@@ -346,7 +356,7 @@ def test_sdxl_four_step_gan_backward_simulation(pipes, data, tmp_path):
             "--out", str(tmp_path / "r")])
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
     assert set(ckpt["nets"]) == {"G", "fake", "head"} and (tmp_path / "r" / "latents_0of1.pt").is_file()
-    assert "loss_gan_d" in (tmp_path / "r" / "log.txt").read_text()
+    assert "loss_gan_d" in (tmp_path / "r" / "log.jsonl").read_text()
     out = tmp_path / "r" / "export"
     assert json.loads((out / "dmd2.json").read_text())["timesteps"] == [999, 749, 499, 249]
     images = sample.main([str(out), "--prompt", "a cat", "--out", str(tmp_path / "s")])
@@ -368,7 +378,7 @@ def test_lora_modes_export_for_load_lora_weights(mode, pipes, data, tmp_path):
     assert all(".generator." in n for n in ckpt["nets"]["G"])
     assert all(".fake." in n for n in ckpt["nets"]["fake"]) == (mode == "shared-lora")
     out = tmp_path / "r" / "export"
-    student = T.load_student(ckpt, torch.device("cpu"))  # base + adapter "generator", as trained
+    student = sd.load_student(ckpt, torch.device("cpu"))  # the LoRA fused into the base weights
     merged = UNet2DConditionModel.from_pretrained(str(out / "unet"))
     pipe = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"])
     pipe.load_lora_weights(str(out))
@@ -377,16 +387,33 @@ def test_lora_modes_export_for_load_lora_weights(mode, pipes, data, tmp_path):
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 249])
     c = (torch.randn(2, 16, 64, generator=g), {"text_embeds": torch.randn(2, 32, generator=g),
-                                                "time_ids": T.time_ids(32, 2, "cpu")})
+                                                "time_ids": sd.time_ids(32, 2, "cpu")})
     with torch.no_grad():
         outs = [u(x, t, c[0], added_cond_kwargs=c[1]).sample for u in (student, merged, pipe.unet, base)]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-4)
     assert (outs[0] - outs[3]).abs().max() > 1e-4, "the adapter changed the UNet"
-    lora = sample.main([str(out / "pytorch_lora_weights.safetensors"), "--model", pipes["sdxl"], "--steps", "4",
-                        "--prompt", "a cat", "--out", str(tmp_path / "a.png")])
-    run = sample.main([str(tmp_path / "r"), "--prompt", "a cat", "--out", str(tmp_path / "b.png")])
-    torch.testing.assert_close(lora, run, atol=1e-3, rtol=0)
+    # every source kind samples the student: the stock diffusers pipeline with LCMScheduler and the explicit
+    # timesteps, the student's fused UNet and the same noise, gives the same images; the teacher's differ
+    prompt, seed, ts = "a cat", 3, [999, 749, 499, 249]
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    stock = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"], unet=merged)
+    stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
+    expected = stock(prompt, latents=z, generator=g, timesteps=ts, guidance_scale=0, height=32, width=32,
+                     output_type="pt").images
+    on_base = ["--model", pipes["sdxl"], "--steps", "4"]
+    sources = {"run folder": [str(tmp_path / "r")], "export folder": [str(out)],
+               "UNet folder": [str(out / "unet"), *on_base],
+               "fp16 state dict": [str(out / "dmd2_sdxl_4step_unet_fp16.bin"), *on_base],
+               "LoRA file": [str(out / "pytorch_lora_weights.safetensors"), *on_base]}
+    for i, (kind, argv) in enumerate(sources.items()):
+        images = sample.main([*argv, "--prompt", prompt, "--seed", str(seed), "--out", str(tmp_path / f"{i}.png")])
+        tol = 2e-2 if kind == "fp16 state dict" else 1e-3
+        torch.testing.assert_close(images, expected, atol=tol, rtol=0, msg=kind)
+    teacher = sample.main([str(Path(pipes["sdxl"]) / "unet"), "--model", pipes["sdxl"], "--steps", "4", "--prompt",
+                           prompt, "--seed", str(seed), "--out", str(tmp_path / "teacher.png")])
+    assert (teacher - expected).abs().max() > 0.05, "the student must not sample as its teacher"
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(pipes, data, tmp_path, monkeypatch):
@@ -421,9 +448,11 @@ def test_evaluation_metrics(pipes, data, tmp_path, monkeypatch):
         def encode_text(self, t):
             return torch.tensor([[1.0, 1.0, 0.0, 0.0]]).expand(len(t), 4)
 
-    monkeypatch.setattr(sample, "fid_extractor", lambda device: Features())
-    monkeypatch.setattr(sample, "load_clip", lambda *a: (Clip(), lambda im: torch.zeros(3, 8, 8), lambda s: torch.zeros(
-        len(s), 3)))
+    import cleanfid.fid
+
+    monkeypatch.setattr(cleanfid.fid, "build_feature_extractor", lambda *a, **k: Features())
+    monkeypatch.setattr(sample.metrics, "load_clip", lambda *a: (Clip(), lambda im: torch.zeros(3, 8, 8),
+                                                                  lambda s: torch.zeros(len(s), 3)))
     base_unet = tmp_path / "unet"
     UNet2DConditionModel.from_pretrained(pipes["sd15"], subfolder="unet").save_pretrained(str(base_unet))
     ref = tmp_path / "ref"
@@ -447,9 +476,9 @@ def test_one_step_sdxl_lpips_warmup(pipes, data, tmp_path, monkeypatch):
     trained = {}
     warmup = T.lpips_warmup
 
-    def spy(cfg, base, nets, pairs, device, rank):
+    def spy(cfg, base, nets, pairs, lp, device, rank):
         before = [p.detach().clone() for p in nets.G.params]
-        warmup(cfg, base, nets, pairs, device, rank)
+        warmup(cfg, base, nets, pairs, lp, device, rank)
         trained["moved"] = any(not torch.equal(a, p) for a, p in zip(before, nets.G.params, strict=True))
 
     monkeypatch.setattr(T, "lpips_warmup", spy)
@@ -466,4 +495,112 @@ def test_one_step_sdxl_lpips_warmup(pipes, data, tmp_path, monkeypatch):
              num_inference_steps=3, output_type="latent").images
     torch.testing.assert_close(x, pairs["x"][:1].float(), atol=1e-2, rtol=2e-3)  # stored in fp16
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 2 and T.student_timesteps(T.Config(**ckpt["config"])) == [399]
+    c = ckpt["config"]
+    assert ckpt["step"] == 2 and sd.student_timesteps(c["steps"], c["conditioning_timestep"]) == [399]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fidelity to the authors' runs: warm-up unit, real prompts, reproducible latents, offline LPIPS, fp32 DMD pass
+
+
+def test_sdxl_multi_step_prompts_are_the_real_captions(pipes, data, tmp_path, monkeypatch):
+    """With real images, the 4-step SDXL presets give the generator the real images' captions as prompts."""
+    assert T.PRESETS["sdxl-4step"]["real_prompts"] and T.PRESETS["sdxl-4step-lora"]["real_prompts"]
+    encoded, encode = [], sd.encode_prompts
+    monkeypatch.setattr(T.sd, "encode_prompts", lambda base, texts, res: encoded.append(list(texts)) or
+                        encode(base, texts, res))
+    _train(["--preset", "sdxl-4step", "--model", pipes["sdxl"], "--prompts", data["prompts"], "--real-images",
+            data["real"], "--resolution", "32", "--batch", "2", "--ratio", "2", "--iters", "2", "--out",
+            str(tmp_path / "r")])
+    batches = [t for t in encoded if len(t) == 2]  # the training batches (the grid has 4 prompts, uncond 1)
+    assert len(batches) == 2 and all(t.startswith("a photo number") for b in batches for t in b)
+
+
+def test_cached_latents_are_reproducible(pipes, data, tmp_path):
+    """--cache-latents draws the VAE posterior samples from the run's seed, not from the global generator."""
+    base = sd.load_base(pipes["sdxl"], torch.device("cpu"), unet=False)
+    images = CaptionedImages(data["real"], 32)
+    caches = []
+    for i, seed in enumerate((0, 0, 1)):
+        torch.manual_seed(100 + i)  # whatever the global state
+        caches.append(sd.RealLatents(images, base.vae, str(tmp_path / f"{i}.pt"), seed=seed).latents)
+    assert torch.equal(caches[0], caches[1]) and not torch.equal(caches[0], caches[2])
+
+
+def test_offline_lpips_fails_in_one_line_before_the_teacher_pairs(pipes, data, tmp_path, monkeypatch):
+    import torchvision.models._api
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit, match=r"^error: LPIPS .*vgg16-397923af\.pth at ") as e:
+        T.main(["--preset", "sdxl-1step", "--model", pipes["sdxl"], "--prompts", data["prompts"], "--real-images",
+                data["real"], "--resolution", "32", "--batch", "2", "--iters", "2", "--warmup-pairs", "2",
+                "--warmup-steps", "1", "--out", str(tmp_path / "r")])
+    assert "\n" not in str(e.value) and not (tmp_path / "r" / "warmup_pairs_0of1.pt").exists()
+
+
+def test_dmd_pass_of_the_fake_score_runs_in_fp32(pipes, monkeypatch):
+    """As the authors: under bf16 autocast (a GPU's), mu_fake's no-grad forward of Eq. 2 runs in fp32; its
+    denoising loss, the teacher and G stay in bf16."""
+    monkeypatch.setattr(sd.EpsUNet, "autocast_on", ("cuda", "cpu"))  # the GPU's autocast, on the CPU
+    cpu = torch.device("cpu")
+    base = sd.load_base(pipes["sd15"], cpu)
+    cfg = T.Config(**{**T.PRESETS["sd15"], "model": pipes["sd15"], "resolution": 32, "grad_checkpointing": False})
+    nets = T.build_nets(cfg, base, cpu, 1)
+    seen = []
+    for name, unet in (("fake", nets.unets["fake"]), ("teacher", base.unet), ("G", nets.unets["G"])):
+        unet.register_forward_pre_hook(lambda m, a, name=name: seen.append(
+            (name, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+    cond, hp = sd.encode_prompts(base, ["a cat", "red car"], 32), dmd2.TTUR(ratio=1, gan_g=0, gan_d=0, w=1.75)
+    x, _ = dmd2.generator_step(nets.G, torch.optim.SGD(nets.G.params, lr=0), torch.randn(2, 4, 8, 8),
+                               torch.full((2,), 999), nets.teacher, nets.fake, None, base.schedule, cond, hp,
+                               sd.unconditional(base, 32))
+    dmd2.critic_step(nets.fake, None, torch.optim.SGD(nets.fake.params, lr=0), x, base.schedule, cond, hp=hp)
+    assert sorted(set(seen)) == [("G", True, True), ("fake", False, False), ("fake", True, True),
+                                 ("teacher", False, True)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reliability: bad run files, resume settings, non-finite weights never written
+
+
+def test_bad_run_files_and_resume_settings(pipes, data, tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    args = ["--preset", "sd15", "--model", pipes["sd15"], "--prompts", data["prompts"], "--resolution", "32",
+            "--batch", "1", "--ratio", "2", "--lr", "1e-3"]
+    _train([*args, "--iters", "2", "--ckpt-every", "2", "--out", str(run)])
+    T.main(["--out", str(run), "--resume", "--iters", "3"])  # no other flag: the run keeps its own settings
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 3 and (ck["config"]["log_every"], ck["config"]["sample_every"]) == (1, 2)
+    assert [r["it"] for r in ck["history"]] == [1, 2, 3]
+    with pytest.raises(SystemExit, match="below the checkpoint's iteration 3"):
+        T.main(["--out", str(run), "--resume", "--iters", "2"])
+    with pytest.raises(SystemExit, match="cannot change --resolution"):
+        T.main(["--out", str(run), "--resume", "--resolution", "64"])
+    (tmp_path / "junk.pt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(SystemExit, match="^error: .*junk.pt is not a readable checkpoint"):
+        T.main(["--export", str(tmp_path / "junk.pt")])
+    with pytest.raises(SystemExit, match="junk.pt is not a readable checkpoint"):
+        T.main([*args, "--iters", "2", "--init", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "i")])
+    good = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(good[: len(good) // 3])
+    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
+        T.main(["--out", str(run), "--resume", "--iters", "4"])
+    with pytest.raises(SystemExit, match="--resolution 100: must be a multiple of"):
+        sample.main([str(Path(pipes["sd15"]) / "unet"), "--model", pipes["sd15"], "--steps", "1", "--prompt", "x",
+                     "--resolution", "100", "--out", str(tmp_path / "x.png")])
+    iteration = dmd2.train_iteration
+
+    def poisoned(*a, **k):  # finite losses, but G's weights go non-finite
+        logs = iteration(*a, **k)
+        with torch.no_grad():
+            next(iter(a[1].params)).fill_(float("nan"))
+        return logs
+
+    monkeypatch.setattr(T.dmd2, "train_iteration", poisoned)
+    with pytest.raises(SystemExit, match="non-finite weights"):
+        _train([*args, "--iters", "1", "--out", str(tmp_path / "nan")])
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()

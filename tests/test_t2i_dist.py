@@ -11,6 +11,7 @@ import torch
 from tiny_pipelines import tiny_sdxl, write_image_folder
 
 import train_t2i as T
+from support import sd
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_ddp_and_fsdp_full_fine_tuning(setup, tmp_path):
     as DDP, and resuming it from a checkpoint is exact."""
     ddp = torchrun(setup, tmp_path / "ddp", "--preset", "sdxl-4step", "--dist", "ddp", "--iters", "3")
     assert same(ddp[0], ddp[1]) and set(ddp[0]) == {"G", "fake", "head"}
-    teacher = T.load_unet(setup["model"], torch.device("cpu")).state_dict()
+    teacher = sd.load_unet(setup["model"], torch.device("cpu")).state_dict()
     assert any(not torch.equal(teacher[n.removeprefix("unet.")], v) for n, v in ddp[0]["G"].items())
     fsdp = torchrun(setup, tmp_path / "fsdp", "--preset", "sdxl-4step", "--dist", "fsdp", "--iters", "3")
     assert same(fsdp[0], ddp[0], atol=1e-6)
@@ -65,15 +66,14 @@ def test_ddp_shared_lora(setup, tmp_path):
 
 
 def test_memory_estimate_counts_every_tensor(setup):
-    """estimate_memory.py against an independent count: bf16 frozen weights, fp32 adapters and head, AdamW's two
-    moments, fp32 gradients."""
+    """train_t2i.py --estimate-memory against an independent count: bf16 frozen weights, fp32 adapters and head,
+    AdamW's two moments, fp32 gradients."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    import estimate_memory
-
     torch.set_num_threads(1)
-    gib = estimate_memory.main(["--model", setup["model"], "--mode", "shared-lora", "--resolution", "32"])
+    gib = T.main(["--estimate-memory", "--model", setup["model"], "--mode", "shared-lora", "--resolution", "32",
+                  "--batch", "1"])
     unet = UNet2DConditionModel.from_pretrained(setup["model"], subfolder="unet")
     frozen = sum(p.numel() for p in unet.parameters()) + sum(
         p.numel() for cls, sub in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
@@ -81,7 +81,7 @@ def test_memory_estimate_counts_every_tensor(setup):
     vae = sum(p.numel() for p in AutoencoderKL.from_pretrained(setup["model"], subfolder="vae").parameters())
     r = T.Config().lora_rank  # LoRA params: r (in k k + out) per targeted Linear / Conv2d
     lora = sum(r * (m.weight[0].numel() + m.weight.shape[0]) for n, m in unet.named_modules()
-               if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(n.endswith(t) for t in T.LORA_TARGETS))
+               if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(n.endswith(t) for t in sd.LORA_TARGETS))
     head = sum(p.numel() for p in T.dmd2.GANHead(64, 4).parameters())
     trainable = 2 * lora + head
     assert gib["Parameter"] * 2**30 == 2 * frozen + 4 * vae + 4 * trainable

@@ -84,8 +84,8 @@ def test_ablation_writes_the_table_and_leaves_the_run_alone(tiny_run, tmp_path):
     assert rows[6][0] == "real vs real (floor)"
     for name, over in ti.ABLATION.items():  # each variant trained with its own settings, from the same teacher
         slug = name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower()
-        cfg = ti.read_checkpoint(os.path.join(run, "ablation", slug))["config"]
-        assert all(getattr(cfg, k) == v for k, v in over.items()) and cfg.iters == 12
+        cfg = ti.edm.read_checkpoint(os.path.join(run, "ablation", slug))["config"]
+        assert all(cfg[k] == v for k, v in over.items()) and cfg["iters"] == 12
 
 
 def test_resume_is_exact(tmp_path):
@@ -146,7 +146,7 @@ def test_resume_without_checkpoint_fails_early(tmp_path):
 
 def test_imagenet_architecture_is_edms_296m_adm():
     with torch.device("meta"):
-        net = ti.Precond(ti.ADMUNet(64, 3, 1000))
+        net = ti.edm.Precond(ti.edm.ADMUNet(64, 3, 1000))
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 295.9  # EDM's ImageNet-64 ADM
     assert list(net.model.enc)[-1] == "8x8_block2" and list(net.model.dec)[:2] == ["8x8_in0", "8x8_in1"]
 
@@ -154,11 +154,11 @@ def test_imagenet_architecture_is_edms_296m_adm():
 def test_edm_denoiser_adapter_and_bottleneck():
     torch.manual_seed(0)
     sch = dmd2.EDMSchedule()
-    net = ti.small_unet(16, 8, 10).eval()
+    net = ti.edm.small_unet(16, 8, 10).eval()
     with torch.no_grad():
         for p in net.parameters():  # zero-initialised output layers would hide mistakes
             p.add_(0.05 * torch.randn_like(p))
-    den = ti.EDMDenoiser(net, sch, 10)
+    den = ti.edm.EDMDenoiser(net, sch, 10)
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 3])
     torch.testing.assert_close(den(x, t, y), net(x, sch.sigmas[t].float(), torch.nn.functional.one_hot(y, 10).float()))
     decoder_calls = []
@@ -168,7 +168,7 @@ def test_edm_denoiser_adapter_and_bottleneck():
     assert h.shape == (3, 32, 4, 4) and decoder_calls == [], "bottleneck taken without running the decoder"
     # the same tensor the full forward computes at the encoder's end
     grabbed = []
-    hook = ti.edm_encoder_output_module(net).register_forward_hook(lambda m, a, out: grabbed.append(out))
+    hook = ti.edm.edm_encoder_output_module(net).register_forward_hook(lambda m, a, out: grabbed.append(out))
     den(x, t, y)
     hook.remove()
     torch.testing.assert_close(h, grabbed[0])
@@ -177,7 +177,7 @@ def test_edm_denoiser_adapter_and_bottleneck():
 
 def test_precond_matches_edm_formulas():
     model = lambda x, c_noise, labels: torch.full_like(x, 2.0) * c_noise.reshape(-1, 1, 1, 1)  # noqa: E731
-    D = ti.Precond(model, sigma_data=0.5)
+    D = ti.edm.Precond(model, sigma_data=0.5)
     x, sigma = torch.ones(2, 1, 2, 2), torch.tensor([0.1, 10.0])
     out = D(x, sigma)
     for i, s in enumerate(sigma.tolist()):
@@ -192,10 +192,10 @@ def test_edm_sampler_one_step_is_the_denoiser_at_sigma_max():
         calls.append(sigma)
         return torch.zeros_like(x)
     z = torch.randn(2, 1, 4, 4)
-    out = ti.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=1, heun=False)
+    out = ti.edm.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=1, heun=False)
     torch.testing.assert_close(out, torch.zeros_like(z)) and len(calls) == 1
     calls.clear()
-    ti.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=18, heun=True)
+    ti.edm.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=18, heun=True)
     assert len(calls) == 35, "Heun with 18 steps = 35 NFE"
     assert calls[0][0].item() == pytest.approx(80.0) and calls[-1][0].item() == pytest.approx(0.002, rel=1e-3)
 
@@ -216,18 +216,40 @@ def test_every_parameter_is_trained(channels):
     """Every parameter of G, the fake score and the GAN head receives gradient (DDP requires it)."""
     torch.manual_seed(0)
     cfg = ti.Config(channels=channels)
-    teacher = ti.small_unet(16, channels, 10)
+    teacher = ti.edm.small_unet(16, channels, 10)
     with torch.no_grad():
         for p in teacher.parameters():  # away from the zero initialisation of output layers
             p.add_(0.02 * torch.randn_like(p))
-    nets = ti.build_nets(cfg, teacher, dmd2.EDMSchedule(), 1, torch.device("cpu"))
+    nets = ti.build_nets(cfg, teacher, 1, torch.device("cpu"))
     g_opt = torch.optim.SGD(nets.G.parameters(), lr=0.0)
     c_opt = torch.optim.SGD(nets.critic.parameters(), lr=0.0)
     x_real, y = torch.randn(4, 1, 16, 16), torch.arange(4)
-    teacher_den = ti.EDMDenoiser(teacher, dmd2.EDMSchedule(), 10)
+    teacher_den = ti.edm.EDMDenoiser(teacher, dmd2.EDMSchedule(), 10)
     dmd2.generator_step(nets.G, g_opt, 80 * torch.randn(4, 1, 16, 16), torch.full((4,), 999), teacher_den,
                         nets.critic, nets.critic.head, dmd2.EDMSchedule(), y, dmd2.TTUR(gan_g=1.0))
     assert [n for n, p in nets.G.named_parameters() if p.grad is None] == []
     dmd2.critic_step(nets.critic, nets.critic.head, c_opt, torch.randn(4, 1, 16, 16), dmd2.EDMSchedule(), y,
                      x_real, y, dmd2.TTUR())
     assert [n for n, p in nets.critic.named_parameters() if p.grad is None] == []
+
+
+def test_periodic_evaluation_keeps_the_best_checkpoint_for_init_from(tmp_path):
+    """App. F.2's longer schedule starts phase 2 from the best checkpoint by FID: best.pt, named in the log."""
+    run, two = tmp_path / "run", tmp_path / "two"
+    metrics = ti.main(["--out", str(run), *TINY, "--eval-every", "4"])
+    rows = [json.loads(line) for line in open(run / "log.jsonl")]
+    evals = [r for r in rows if "eval_fd" in r]
+    assert [r["it"] for r in evals] == [4, 8, 12]
+    best = min(evals, key=lambda r: r["eval_fd"])
+    assert (evals[-1]["best_fd"], evals[-1]["best_it"]) == (best["eval_fd"], best["it"])
+    assert metrics["best"] == dict(fd=best["eval_fd"], step=best["it"], checkpoint="best.pt")
+    assert metrics["student"]["fd"] == evals[-1]["eval_fd"], "the final evaluation is the last periodic one"
+    ck = ti.edm.read_checkpoint(str(run / "best.pt"))
+    assert ck["step"] == best["it"] and ck["best"]["fd"] == best["eval_fd"]
+    two.mkdir()
+    for f in ("teacher.pt", "classifier.pt"):
+        (two / f).write_bytes((run / f).read_bytes())
+    ti.main(["--out", str(two), *TINY, "--iters", "1", "--init-from", str(run / "best.pt"), "--lr", "0",
+             "--gan-g", "0", "--gan-d", "0"])
+    start = ti.edm.read_checkpoint(str(two))["G"]
+    assert all(torch.equal(start[k], ck["G"][k]) for k in start), "phase 2 starts from best.pt's weights"

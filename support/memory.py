@@ -1,20 +1,17 @@
 """Peak GPU memory of train_t2i.py, per process, computed without a GPU and without weights.
 
 The networks are built from their configs under PyTorch's FakeTensorMode (tensors with shapes and dtypes, no
-data) exactly as train_t2i.build_nets builds them, and two iterations of the training loop (a generator + critic
-iteration, then a critic iteration) run under torch.distributed's MemTracker, which adds up the bytes of every
+data) exactly as train_t2i.py builds them (`sd.build_nets`), and two iterations of the training loop (a generator +
+critic iteration, then a critic iteration) run under torch.distributed's MemTracker, which adds up the bytes of every
 live tensor: parameters, gradients, AdamW states, activations (bf16 autocast, gradient checkpointing) and
 temporaries. Not counted: allocator fragmentation, CUDA context and kernel workspaces (about 1-3 GB on a GPU),
 the text encoders' and VAE's activations (small and transient; latents can be cached).
 
-    python estimate_memory.py --arch sdxl --mode shared-lora --batch 1 --resolution 1024
-    python estimate_memory.py --model path/to/pipeline --mode full --batch 2      # configs of any local model
+    python train_t2i.py --estimate-memory --arch sdxl --mode shared-lora --batch 1 --resolution 1024
+    python train_t2i.py --estimate-memory --model path/to/pipeline --mode full --batch 2   # any local model's configs
 """
 
 from __future__ import annotations
-
-import argparse
-import json
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -24,7 +21,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import dmd2
-import train_t2i as T
+from support import sd
 
 # The published configs of SD v1.5 and SDXL base 1.0 (their parameter counts: UNet 859,520,964 and 2,567,463,684;
 # CLIP ViT-L 123,060,480; OpenCLIP ViT-bigG with projection 694,659,840; VAE 83,653,863).
@@ -46,16 +43,16 @@ VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncod
            up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4)
 
 
-def configs(args: argparse.Namespace) -> tuple[dict, list[dict], dict]:
-    """(UNet, text encoder, VAE) configs: built in, or read from a local diffusers folder (--model)."""
-    if not args.model:
-        a = ARCHS[args.arch]
+def configs(model: str | None, arch: str = "sdxl") -> tuple[dict, list[dict], dict]:
+    """(UNet, text encoder, VAE) configs: built in (`arch`), or read from a local diffusers folder (`model`)."""
+    if not model:
+        a = ARCHS[arch]
         return a["unet"], [dict(c, vocab_size=49408) for c in a["text"]], VAE
-    index = T.model_index(args.model)
-    text = [CLIPTextConfig.from_pretrained(args.model, subfolder=n).to_dict() for n in ("text_encoder",
-                                                                                       "text_encoder_2") if n in index]
-    return (dict(UNet2DConditionModel.load_config(args.model, subfolder="unet")), text,
-            dict(AutoencoderKL.load_config(args.model, subfolder="vae")))
+    index = sd.model_index(model)
+    text = [CLIPTextConfig.from_pretrained(model, subfolder=n).to_dict() for n in ("text_encoder", "text_encoder_2")
+            if n in index]
+    return (dict(UNet2DConditionModel.load_config(model, subfolder="unet")), text,
+            dict(AutoencoderKL.load_config(model, subfolder="vae")))
 
 
 class Tracker(MemTracker):
@@ -88,84 +85,64 @@ def fake_parameters(modules: list[nn.Module], mode: FakeTensorMode) -> dict[int,
     return new
 
 
-def estimate(cfg: T.Config, unet_cfg: dict, text_cfgs: list[dict], vae_cfg: dict) -> dict[str, float]:
-    """Peak GiB by kind (Parameter, Gradient, Optstate, Activation, Temp, ...) over two training iterations."""
+def estimate(unet_cfg: dict, text_cfgs: list[dict], vae_cfg: dict, *, mode: str, lora_rank: int, lora_alpha: float,
+             resolution: int, batch: int, timesteps: list[int], hp: dmd2.TTUR, lr: float,
+             grad_checkpointing: bool) -> dict[str, float]:
+    """Peak GiB by kind (Parameter, Gradient, Optstate, Activation, Temp, ...) over two training iterations of one
+    process: networks as `sd.build_nets` makes them in `mode`, generator timesteps `timesteps`, TTUR `hp`."""
     meta = torch.device("meta")
     schedule = dmd2.VPSchedule()  # real tables, indexed by fake timesteps
+    gan = hp.gan_g > 0 or hp.gan_d > 0
     with meta:  # the frozen parts in bf16, as train_t2i.py loads them on a GPU
         text = [cls(CLIPTextConfig(**c)).to(torch.bfloat16).requires_grad_(False)
                 for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), text_cfgs, strict=False)]
         teacher = UNet2DConditionModel.from_config(unet_cfg).to(torch.bfloat16).requires_grad_(False)
-        base = T.Base(sdxl=len(text) == 2, unet=teacher, vae=AutoencoderKL.from_config(vae_cfg).requires_grad_(False),
-                      tokenizers=[], text_encoders=text, schedule=schedule)
-        nets = T.build_nets(cfg, base, meta, 1, new_unet=lambda: UNet2DConditionModel.from_config(unet_cfg))
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+        base = sd.Base(sdxl=len(text) == 2, unet=teacher, vae=AutoencoderKL.from_config(vae_cfg).requires_grad_(False),
+                       tokenizers=[], text_encoders=text, schedule=schedule)
+        nets = sd.build_nets(base, meta, 1, "", mode, lora_rank, lora_alpha, gan, resolution,
+                             grad_checkpointing=grad_checkpointing,
+                             new_unet=lambda: UNet2DConditionModel.from_config(unet_cfg))
+    mode_ = FakeTensorMode(allow_non_fake_inputs=True)
     head = nets.head.module if nets.head else None
     modules = [base.unet, base.vae, *text, *nets.unets.values(), *([head] if head else [])]
-    new = fake_parameters(modules, mode)
+    new = fake_parameters(modules, mode_)
     for net in (nets.G, nets.fake, nets.head):
         if net is not None:
             net.params = [new[id(p)] for p in net.params]
-    autocast_on, T.EpsUNet.autocast_on = T.EpsUNet.autocast_on, ("cuda", "cpu")  # the GPU's bf16 autocast
+    autocast_on, sd.EpsUNet.autocast_on = sd.EpsUNet.autocast_on, ("cuda", "cpu")  # the GPU's bf16 autocast
     try:
-        peak = run(cfg, nets, base, modules, mode, text_cfgs)
+        peak = run(nets, base, modules, mode_, text_cfgs, resolution, batch, timesteps, hp, lr)
     finally:
-        T.EpsUNet.autocast_on = autocast_on
+        sd.EpsUNet.autocast_on = autocast_on
     return {str(getattr(k, "value", k)): v / 2**30 for k, v in peak.items()}
 
 
-def run(cfg: T.Config, nets: T.Nets, base: T.Base, modules: list[nn.Module], mode: FakeTensorMode,
-        text_cfgs: list[dict]) -> dict:
+def run(nets: sd.Nets, base: sd.Base, modules: list[nn.Module], mode: FakeTensorMode, text_cfgs: list[dict],
+        resolution: int, B: int, timesteps: list[int], hp: dmd2.TTUR, lr: float) -> dict:
     """Two training iterations on fake tensors; the peak bytes by kind."""
     cpu = torch.device("cpu")
     with mode:
-        adamw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01)
+        adamw = dict(lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
         g_opt = torch.optim.AdamW(nets.G.params, **adamw)
         c_opt = torch.optim.AdamW(nets.fake.params + (nets.head.params if nets.head else []), **adamw)
-        B, h, L = cfg.batch, cfg.resolution // base.vae_factor, text_cfgs[0].get("max_position_embeddings", 77)
+        h, L = resolution // base.vae_factor, text_cfgs[0].get("max_position_embeddings", 77)
         cond = {"encoder_hidden_states": torch.randn(B, L, base.unet.config.cross_attention_dim)}
         if base.sdxl:
             cond |= {"text_embeds": torch.randn(B, text_cfgs[-1]["projection_dim"]),
-                     "time_ids": T.time_ids(cfg.resolution, B, cpu)}
+                     "time_ids": sd.time_ids(resolution, B, cpu)}
         uncond = {k: v[:1] for k, v in cond.items()}
         tracker = Tracker()
         tracker.track_external(*modules, g_opt, c_opt)
-        hp = dmd2.TTUR(ratio=cfg.ratio, gan_g=cfg.gan_g, gan_d=cfg.gan_d, w=cfg.w)
-        gan = cfg.gan_g > 0 or cfg.gan_d > 0
+        gan = hp.gan_g > 0 or hp.gan_d > 0
         with tracker:
             for it in range(2):
                 z = torch.randn(B, 4, h, h)
-                if cfg.steps > 1:  # the longest backward simulation: k = N - 1
-                    x_in, t_in = dmd2.backward_simulation(nets.G, z, base.schedule, T.student_timesteps(cfg),
-                                                          cfg.steps - 1, cond)
+                if len(timesteps) > 1:  # the longest backward simulation: k = N - 1
+                    x_in, t_in = dmd2.backward_simulation(nets.G, z, base.schedule, timesteps, len(timesteps) - 1,
+                                                          cond)
                 else:
-                    x_in, t_in = z, torch.full((B,), cfg.conditioning_timestep)
+                    x_in, t_in = z, torch.full((B,), timesteps[0])
                 dmd2.train_iteration(it, nets.G, nets.teacher, nets.fake, nets.head, g_opt, c_opt, base.schedule,
                                      x_in, t_in, cond, torch.randn(B, 4, h, h) if gan else None,
                                      cond if gan else None, hp, uncond)
     return tracker.get_tracker_snapshot("peak")[cpu]
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=list(ARCHS), default="sdxl", help="built-in configs (no download)")
-    p.add_argument("--model", help="read the configs of this local diffusers pipeline instead")
-    p.add_argument("--preset", choices=list(T.PRESETS), help="default: sdxl-4step or sd15")
-    p.add_argument("--mode", choices=T.MODES, default="shared-lora")
-    p.add_argument("--batch", type=int, default=1, help="per GPU")
-    p.add_argument("--resolution", type=int, help="default: the preset's")
-    p.add_argument("--no-grad-checkpointing", action="store_true")
-    args = p.parse_args(argv)
-    unet_cfg, text_cfgs, vae_cfg = configs(args)
-    preset = args.preset or ("sdxl-4step" if len(text_cfgs) == 2 else "sd15")
-    cfg = T.Config(**{**T.PRESETS[preset], "mode": args.mode, "batch": args.batch,
-                      "grad_checkpointing": not args.no_grad_checkpointing,
-                      **({"resolution": args.resolution} if args.resolution else {})})
-    gib = estimate(cfg, unet_cfg, text_cfgs, vae_cfg)
-    print(json.dumps({"preset": preset, "mode": cfg.mode, "batch": cfg.batch, "resolution": cfg.resolution,
-                      "grad_checkpointing": cfg.grad_checkpointing, **{k: round(v, 2) for k, v in gib.items()}}))
-    return gib
-
-
-if __name__ == "__main__":
-    main()

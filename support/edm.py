@@ -1,0 +1,622 @@
+"""EDM's side of the class-conditional scripts (Karras et al. 2022, github.com/NVlabs/edm), without its repository.
+
+    ADMUNet, Precond       the ADM UNet (Dhariwal & Nichol 2021) in EDM's layout, and EDM's preconditioning
+    small_unet             the small experiment's teacher: the same architecture at 0.6-0.8M parameters
+    load_edm_network       EDM network pickles (`torch_utils.persistence`), e.g. edm-imagenet-64x64-cond-adm.pkl
+    edm_teacher            a pickle's UNet under our Precond (bf16 autocast governs precision)
+    EDMDenoiser, Critic    an EDM network as a dmd2 denoiser (timestep index -> Karras sigma, label -> one-hot),
+                           its encoder's bottleneck for the GAN head, and mu_fake + head as one module
+    build_students         G and the critic initialised from the teacher (Sec. 4.6), with the GAN head
+    edm_sampler            EDM's deterministic Euler / Heun sampler (the teacher's baseline)
+    load_generator, save_grid
+                           the one-step generator of a train_imagenet.py run, and a grid of its samples
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import hashlib
+import io
+import math
+import os
+import pickle
+import sys
+import types
+import urllib.error
+import urllib.parse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dmd2
+from support.runs import autocast, load_file
+
+EDM_IMAGENET64_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl"
+EDM_IMAGENET64_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz"
+
+# ----------------------------------------------------------------------------------------------------
+# Networks. The ADM UNet (Dhariwal & Nichol 2021) in EDM's layout (Karras et al. 2022, `DhariwalUNet`:
+# `enc` and `dec` dicts of blocks, one-hot class labels) with EDM's preconditioning, so one adapter
+# serves our small teacher and the released ImageNet pickle alike. The ImageNet configuration is
+# `ADMUNet(64, 3, 1000)` with the defaults: 296M parameters.
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class ADMBlock(nn.Module):
+    """Residual block: GN-SiLU-conv, scale/shift from the embedding, GN-SiLU-conv; optional 2x resampling
+    (box filter) and multi-head self-attention."""
+
+    def __init__(self, cin: int, cout: int, emb: int, up: bool = False, down: bool = False,
+                 attention: bool = False, head_channels: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.in_channels, self.up, self.down, self.dropout = cin, up, down, dropout
+        self.norm0, self.conv0 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.affine = nn.Linear(emb, 2 * cout)
+        self.norm1, self.conv1 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv1.weight)
+        nn.init.zeros_(self.conv1.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.heads = max(1, cout // head_channels) if attention else 0
+        if attention:
+            self.norm2, self.qkv, self.proj = _norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.avg_pool2d(x, 2) if self.down else x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv0(self._resample(F.silu(self.norm0(x))))
+        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        h = self.conv1(F.dropout(h, self.dropout, self.training))
+        x = self._resample(x)
+        x = h + (self.skip(x) if self.skip is not None else x)
+        if self.heads:
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+            a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+            x = x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))
+        return x
+
+
+class ADMUNet(nn.Module):
+    """F(x, c_noise, class_labels) of EDM's preconditioned denoiser. Encoder output = the bottleneck
+    ((res / 2^(levels-1))^2 x channels * mult[-1]: 8x8x768 for ImageNet-64), where the GAN head sits."""
+
+    def __init__(self, resolution: int, in_channels: int, label_dim: int, channels: int = 192,
+                 mult: tuple[int, ...] = (1, 2, 3, 4), blocks: int = 3, attn: tuple[int, ...] = (32, 16, 8),
+                 emb_mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        emb = channels * emb_mult
+        self.channels, self.label_dim = channels, label_dim
+        self.map_layer0, self.map_layer1 = nn.Linear(channels, emb), nn.Linear(emb, emb)
+        self.map_label = nn.Linear(label_dim, emb, bias=False) if label_dim else None
+        kw = dict(emb=emb, dropout=dropout)
+        self.enc, skips, c = nn.ModuleDict(), [], in_channels
+        for level, m in enumerate(mult):
+            res = resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = nn.Conv2d(c, channels * m, 3, padding=1)
+                c = channels * m
+            else:
+                self.enc[f"{res}x{res}_down"] = ADMBlock(c, c, down=True, **kw)
+            skips.append(c)
+            for i in range(blocks):
+                self.enc[f"{res}x{res}_block{i}"] = ADMBlock(c, channels * m, attention=res in attn, **kw)
+                c = channels * m
+                skips.append(c)
+        self.dec = nn.ModuleDict()
+        for level, m in reversed(list(enumerate(mult))):
+            res = resolution >> level
+            if level == len(mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = ADMBlock(c, c, attention=True, **kw)
+                self.dec[f"{res}x{res}_in1"] = ADMBlock(c, c, **kw)
+            else:
+                self.dec[f"{res}x{res}_up"] = ADMBlock(c, c, up=True, **kw)
+            for i in range(blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = ADMBlock(c + skips.pop(), channels * m, attention=res in attn,
+                                                             **kw)
+                c = channels * m
+        self.out_norm, self.out_conv = _norm(c), nn.Conv2d(c, in_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        freqs = torch.exp(-math.log(10_000) * torch.arange(self.channels // 2, device=x.device) / (self.channels // 2))
+        pos = noise_labels.float()[:, None] * freqs[None]  # sinusoidal embedding of c_noise
+        emb = self.map_layer1(F.silu(self.map_layer0(torch.cat([pos.cos(), pos.sin()], dim=1))))
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels.to(emb.dtype))
+        emb, skips = F.silu(emb), []
+        for block in self.enc.values():
+            x = block(x) if isinstance(block, nn.Conv2d) else block(x, emb)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+class Precond(nn.Module):
+    """EDM's preconditioning (Karras et al. 2022, Table 1): D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+
+    def __init__(self, model: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.model, self.sigma_data = model, sigma_data
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma, sd = sigma.float().reshape(-1, 1, 1, 1), self.sigma_data
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in, c_noise = 1 / (sd**2 + sigma**2).sqrt(), sigma.log().flatten() / 4
+        return c_skip * x.float() + c_out * self.model(c_in * x, c_noise, class_labels).float()
+
+
+def small_unet(resolution: int, channels: int, label_dim: int, in_channels: int = 1) -> Precond:
+    """The small experiment's teacher: ADM at 3 levels (16 -> 8 -> 4 px), attention at the 4x4x64 bottleneck."""
+    return Precond(ADMUNet(resolution, in_channels, label_dim, channels=channels, mult=(1, 2, 4), blocks=1,
+                           attn=(resolution // 4,)))
+
+
+class _Stop(Exception):
+    pass
+
+
+class EDMDenoiser(nn.Module):
+    """An EDM network D(x; sigma, class_labels) as a dmd2 denoiser (x_t, t, label) -> x0, t on the Karras grid.
+
+    `features` is the bottleneck for the GAN head: the output of the last encoder block, taken with a
+    forward hook that stops the network there, so the decoder half never runs."""
+
+    def __init__(self, net: nn.Module, schedule: dmd2.EDMSchedule, label_dim: int):
+        super().__init__()
+        self.net, self.schedule, self.label_dim = net, schedule, label_dim
+        self.encoder_end = edm_encoder_output_module(net)
+
+    def _labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(labels.long(), self.label_dim).float()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(x_t, self.schedule.sigma(t), self._labels(labels))
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = []
+
+        def grab(module, inputs, output):
+            out.append(output)
+            raise _Stop
+
+        handle = self.encoder_end.register_forward_hook(grab)
+        try:
+            self.net(x_t, self.schedule.sigma(t), self._labels(labels))
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return out[0]
+
+
+class Critic(nn.Module):
+    """The fake score mu_fake and the GAN head, one module so that DDP syncs both with one wrapper."""
+
+    def __init__(self, fake: EDMDenoiser, head: dmd2.GANHead | None):
+        super().__init__()
+        self.fake, self.head = fake, head
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fake(x_t, t, labels)
+
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fake.features(x_t, t, labels)
+
+
+class DDPCritic:
+    """dmd2's critic protocol over a DDP-wrapped `Critic`: denoising passes go through DDP (gradient sync),
+    encoder-only passes reach the module directly (their gradients are synced by the same backward)."""
+
+    def __init__(self, ddp: nn.Module):
+        self.ddp, self.module = ddp, ddp.module
+
+    def __call__(self, x_t, t, labels):
+        return self.ddp(x_t, t, labels)
+
+    def features(self, x_t, t, labels):
+        return self.module.features(x_t, t, labels)
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local files and cached downloads (network pickles and FID reference statistics).
+
+
+def local_file(source: str, cache_dir: str | None = None) -> str:
+    """`source` itself if it is a local path, else the cached copy of an http(s) URL, downloaded once.
+
+    The cache is `cache_dir`, by default `<torch hub dir>/edm` (`$TORCH_HOME/hub/edm`). The file name carries
+    a hash of the URL, so two URLs that end in the same name never share a cache entry.
+    """
+    url = urllib.parse.urlparse(source)
+    if url.scheme not in ("http", "https"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"no such file: {source}")
+        return source
+    cache_dir = cache_dir or os.path.join(torch.hub.get_dir(), "edm")
+    name = os.path.basename(url.path) or "download"
+    dst = os.path.join(cache_dir, f"{hashlib.sha256(source.encode()).hexdigest()[:8]}-{name}")
+    if not os.path.isfile(dst):
+        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            # torch.hub writes to a temporary file next to dst and renames it when complete: an interrupted
+            # download leaves no partial dst, and ranks downloading at once never read a half-written file.
+            torch.hub.download_url_to_file(source, dst, progress=False)
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(f"could not download {source}: {e}. Download it by hand and pass the local path.") \
+                from e
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------------
+# EDM network pickles without the EDM repository.
+#
+# EDM (Karras et al. 2022, github.com/NVlabs/edm) saves `pickle.dump(dict(ema=net, loss_fn=..., augment_pipe=...,
+# dataset_kwargs=...))`. Its network classes are decorated with `torch_utils.persistence.persistent_class`, so
+# each such object pickles as a call `torch_utils.persistence._reconstruct_persistent_obj(meta)` with
+#     meta = dict(type='class', version=6, module_src=<full source of the defining module, e.g. networks.py>,
+#                 class_name='EDMPrecond', state=<the object's __dict__: parameters, buffers, submodules>)
+# and unpickling executes `module_src` as a fresh module, takes the class from it, and restores the state.
+# The embedded networks.py itself runs `from torch_utils import persistence` and decorates its classes with
+# `@persistence.persistent_class`; that is all it takes from torch_utils (EDM's loss.py the same; augment.py
+# also imports `misc`, and calls `misc.constant` only when the augmentation pipe runs). Below: our own
+# `_reconstruct_persistent_obj`, and a stand-in `torch_utils` that the embedded source, and only it, sees.
+
+_PERSISTENCE_VERSION = 6  # torch_utils.persistence._version in EDM (also StyleGAN2-ADA and StyleGAN3)
+_MODULE_OF_SOURCE: dict[str, types.ModuleType] = {}  # embedded source -> the module it was executed into
+_SOURCE_OF_MODULE: dict[str, str] = {}  # module name -> its source (for re-pickling and copy.deepcopy)
+
+
+class EDMPickleError(ValueError):
+    """A file that is not an EDM network pickle, or one whose classes this loader cannot rebuild."""
+
+
+def _reconstruct_persistent_obj(meta: dict) -> object:
+    """Our `torch_utils.persistence._reconstruct_persistent_obj`: rebuild one object from its pickled meta."""
+    if meta.get("type") != "class" or meta.get("version") != _PERSISTENCE_VERSION:
+        raise EDMPickleError(f"unsupported persistent object (type {meta.get('type')!r}, version "
+                             f"{meta.get('version')!r}; EDM writes type 'class', version {_PERSISTENCE_VERSION})")
+    module = _module_from_source(meta["module_src"], meta["class_name"])
+    cls = module.__dict__.get(meta["class_name"])
+    if not isinstance(cls, type):
+        raise EDMPickleError(f"the pickled source does not define class {meta['class_name']!r}")
+    obj = cls.__new__(cls)
+    if meta["state"] is not None:
+        setstate = getattr(obj, "__setstate__", None)  # nn.Module's also adds attributes newer torch expects
+        if callable(setstate):
+            setstate(meta["state"])
+        else:
+            obj.__dict__.update(meta["state"])
+    return obj
+
+
+def _persistent_reduce(self: object) -> tuple:
+    """`__reduce__` of rebuilt classes, in EDM's format, so that `copy.deepcopy(net)` works (it reduces and
+    rebuilds) and the object keeps its source. Save trained networks as state dicts: a pickle of the object
+    refers to this module's `_reconstruct_persistent_obj` by name, not to EDM's."""
+    fields = [*object.__reduce__(self), None, None, None]  # (copyreg._reconstructor, args, state, ...)
+    cls = type(self)
+    meta = dict(type="class", version=_PERSISTENCE_VERSION, module_src=_SOURCE_OF_MODULE[cls.__module__],
+                class_name=cls.__name__, state=fields[2])
+    return _reconstruct_persistent_obj, (meta,)
+
+
+def _persistent_class(cls: type) -> type:
+    """Stand-in for `torch_utils.persistence.persistent_class`, applied while the embedded source runs."""
+    cls.__reduce__ = _persistent_reduce
+    return cls
+
+
+def _missing(module: str) -> Callable[[str], object]:
+    def __getattr__(name: str) -> object:
+        raise AttributeError(f"{module}.{name} is not provided by the stand-in torch_utils used to load EDM "
+                             f"pickles without the EDM repository; put the EDM repository on sys.path")
+    return __getattr__
+
+
+def _standin_torch_utils() -> dict[str, types.ModuleType]:
+    package = types.ModuleType("torch_utils")
+    persistence = types.ModuleType("torch_utils.persistence")
+    persistence.persistent_class = _persistent_class
+    misc = types.ModuleType("torch_utils.misc")  # imported by EDM's augment.py; nothing in it is used to load
+    misc.__getattr__ = _missing("torch_utils.misc")
+    package.persistence, package.misc, package.__getattr__ = persistence, misc, _missing("torch_utils")
+    return {"torch_utils": package, "torch_utils.persistence": persistence, "torch_utils.misc": misc}
+
+
+_STANDIN_TORCH_UTILS = _standin_torch_utils()
+
+
+def _import_for_embedded_source(name: str, globals_: dict | None = None, locals_: dict | None = None,
+                                fromlist: tuple = (), level: int = 0) -> types.ModuleType:
+    """`__import__` of the embedded modules: `torch_utils` resolves to the stand-in, everything else as usual.
+    Nothing goes into sys.modules, so a real torch_utils elsewhere in the process is never shadowed."""
+    if level == 0 and name.partition(".")[0] == "torch_utils":
+        if name not in _STANDIN_TORCH_UTILS:
+            raise ImportError(f"{name} is not provided by the stand-in torch_utils (it has only persistence and "
+                              f"misc); StyleGAN's networks need its custom ops: load them with their repository")
+        return _STANDIN_TORCH_UTILS[name if fromlist else "torch_utils"]
+    return builtins.__import__(name, globals_, locals_, fromlist, level)
+
+
+def _module_from_source(src: str, class_name: str) -> types.ModuleType:
+    """Execute an embedded module source once (cached by its text, as EDM does) and return the module."""
+    module = _MODULE_OF_SOURCE.get(src)
+    if module is None:
+        name = "_edm_source_" + hashlib.sha256(src.encode()).hexdigest()[:16]
+        module = types.ModuleType(name)
+        module.__dict__["__builtins__"] = dict(vars(builtins), __import__=_import_for_embedded_source)
+        _SOURCE_OF_MODULE[name] = src  # the decorator needs it while the source runs
+        try:
+            exec(compile(src, f"<{name}: pickled source of {class_name}>", "exec"), module.__dict__)
+        except Exception as e:
+            raise EDMPickleError(f"cannot rebuild class {class_name!r}: its pickled source failed with "
+                                 f"{type(e).__name__}: {e}") from e
+        sys.modules[name] = module  # like EDM: classes have an importable module (pickle, torch.compile)
+        _MODULE_OF_SOURCE[src] = module
+    return module
+
+
+class _EasyDict(dict):
+    """Stand-in for dnnlib.util.EasyDict (a dict with attribute access), should a pickle contain one."""
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _load_storage_on_cpu(b: bytes) -> object:
+    # torch.storage._load_from_bytes without map_location fails on a CPU-only machine for tensors that were
+    # pickled on a GPU; EDM's snapshots move networks to the CPU first, but other pickles may not.
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=False)
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedReader, standin: bool):
+        super().__init__(file)
+        self.standin = standin
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _load_storage_on_cpu
+        if self.standin:
+            if (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
+                return _reconstruct_persistent_obj
+            if (module, name) == ("dnnlib.util", "EasyDict"):
+                return _EasyDict
+            if module.partition(".")[0] in ("torch_utils", "dnnlib"):
+                raise EDMPickleError(f"the pickle needs {module}.{name}, which only its own repository provides "
+                                     f"(not an EDM network pickle?); put that repository on sys.path")
+        return super().find_class(module, name)
+
+
+def _have_real_persistence() -> bool:
+    """Whether EDM's (or StyleGAN's) own torch_utils.persistence can be imported: then it does the loading."""
+    try:
+        from torch_utils import persistence
+    except ImportError:
+        return False
+    return hasattr(persistence, "_reconstruct_persistent_obj")
+
+
+def load_edm_network(source: str, key: str = "ema", cache_dir: str | None = None) -> nn.Module:
+    """The network stored under `key` in an EDM network pickle, without the EDM repository installed.
+
+    source: a local path or an http(s) URL (downloaded once into `cache_dir`, see `local_file`), e.g.
+    `EDM_IMAGENET64_URL`, the teacher of DMD2's ImageNet-64 experiment. If EDM's own `torch_utils` is
+    importable, its persistence machinery rebuilds the classes; otherwise ours does, from the same embedded
+    source. Either way the result is EDM's code: unpickling executes the source stored in the file (as EDM's
+    own loader does), so load only files you trust.
+
+    EDM's ImageNet network is `EDMPrecond` around a `DhariwalUNet` (ADM): `net(x, sigma, class_labels)` with x
+    [B, 3, 64, 64] in [-1, 1], sigma [B] and one-hot labels [B, 1000] returns the denoised x0 (float32). As
+    EDM saved it, it is in eval mode with requires_grad off. Its constructor arguments are in
+    `net._init_kwargs`. Two things to know when training copies of it:
+      - `use_fp16=True` in that pickle: on CUDA, EDMPrecond casts the UNet's input to float16 and asserts the
+        output is float16, unless called with `force_fp32=True`; under torch.autocast with `use_fp16=False`
+        the assertion fails (the output is bfloat16). The DMD2 authors edited that cast to bfloat16.
+      - `.train()` turns on the UNet's dropout (0.10 for ImageNet).
+    The bottleneck for the GAN head (8x8x768 for ImageNet) is the output of `edm_encoder_output_module(net)`.
+    """
+    path = local_file(source, cache_dir)
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            raise EDMPickleError(f"{path} is a zip archive (a torch.save checkpoint?), not an EDM network pickle; "
+                                 f"load it with torch.load")
+        f.seek(0)
+        try:
+            data = _EDMUnpickler(f, standin=not _have_real_persistence()).load()
+        except EDMPickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise EDMPickleError(f"{path} is not a pickle file ({e})") from e
+        except Exception as e:
+            raise EDMPickleError(f"could not unpickle {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(data, dict):
+        raise EDMPickleError(f"{path} holds a {type(data).__name__}, not a dict like EDM's network pickles")
+    if key not in data:
+        keys = [str(k) for k in data]
+        listed = ", ".join(repr(k) for k in keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
+        hint = " (a state dict? load it into a constructed network instead)" \
+            if data and all(isinstance(v, torch.Tensor) for v in data.values()) else ""
+        raise EDMPickleError(f"{path} has no key {key!r}; found {listed or 'no keys'}{hint}. EDM's network "
+                             f"pickles hold the network under 'ema'")
+    net = data[key]
+    if not isinstance(net, nn.Module):
+        raise EDMPickleError(f"{path}[{key!r}] is a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def edm_encoder_output_module(net: nn.Module) -> nn.Module:
+    """The last block of the encoder of an EDM UNet: its output is the bottleneck that DMD2's GAN head
+    classifies (Sec. 4.3; 8x8x768 for the ImageNet-64 ADM UNet), the tensor the authors' code returns right
+    after the encoder loop.
+
+    EDM's preconditioners (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond) and ours (`Precond`) hold the UNet
+    as `net.model`; `DhariwalUNet`, `SongUNet` and our `ADMUNet` keep their blocks in two ModuleDicts, `enc`
+    (run in order, e.g. '64x64_conv', ..., '8x8_block2') and `dec`. The last `enc` entry is a block in every
+    layout (SongUNet's 'aux' entries come before each resolution's blocks). `EDMDenoiser.features` reads it
+    with a forward hook that stores the output and stops the network, so that the decoder never runs.
+    """
+    unet = getattr(net, "model", net)
+    layout = type(unet).__name__
+    enc, dec = getattr(unet, "enc", None), getattr(unet, "dec", None)
+    if not isinstance(enc, nn.ModuleDict) or not isinstance(dec, nn.ModuleDict) or len(enc) == 0:
+        raise ValueError(f"expected EDM's UNet layout (DhariwalUNet, SongUNet or ADMUNet, or a preconditioner "
+                         f"holding one as .model) with `enc`/`dec` ModuleDicts; got {type(net).__name__} around "
+                         f"{layout}")
+    name, module = list(enc.items())[-1]
+    if "aux" in name:
+        raise ValueError(f"the last encoder entry of this {layout} is {name!r}, not a block")
+    return module
+
+
+def edm_teacher(source: str) -> Precond:
+    """The UNet of an EDM network pickle under our `Precond`, which computes EDMPrecond's formulas but lets
+    bf16 autocast govern precision: EDMPrecond casts to float16 when `use_fp16` (the released ImageNet pickle)
+    and asserts its UNet's output dtype, which fails under autocast (the authors edited the cast to bf16)."""
+    net = load_edm_network(source)
+    if not hasattr(net, "model") or not hasattr(net, "sigma_data"):
+        raise EDMPickleError(f"{source}: expected an EDM preconditioner (EDMPrecond) holding its UNet as .model")
+    ours = Precond(net.model, float(net.sigma_data))
+    ours.label_dim = int(getattr(net, "label_dim", 0))
+    ours.img_resolution, ours.img_channels = getattr(net, "img_resolution", None), getattr(net, "img_channels", None)
+    return ours.eval().requires_grad_(False)
+
+
+
+
+@torch.no_grad()
+def edm_sampler(net: nn.Module, z: torch.Tensor, labels: torch.Tensor, label_dim: int, steps: int, heun: bool,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Euler (NFE = steps) or Heun
+    (NFE = 2 steps - 1) on the Karras discretisation. The teacher baseline, not part of DMD2."""
+    i = torch.arange(steps, dtype=torch.float64, device=z.device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    t = (hi + i / max(steps - 1, 1) * (lo - hi)) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)])
+    onehot = F.one_hot(labels, label_dim).float()
+    x = z.double() * t[0]
+    for j in range(steps):
+        d = (x - net(x.float(), t[j].expand(len(x)).float(), onehot).double()) / t[j]
+        x_next = x + (t[j + 1] - t[j]) * d
+        if heun and t[j + 1] > 0:
+            d2 = (x_next - net(x_next.float(), t[j + 1].expand(len(x)).float(), onehot).double()) / t[j + 1]
+            x_next = x + (t[j + 1] - t[j]) * (d + d2) / 2
+        x = x_next
+    return x.float()
+
+
+
+
+def check_teacher(net: Precond, resolution: int, channels: int, label_dim: int, data_classes: int) -> None:
+    """The teacher fits the run: its resolution and channels are the data's, its classes cover the labels."""
+    if net.label_dim != label_dim:
+        raise ValueError(f"the teacher has {net.label_dim} classes, --label-dim is {label_dim}")
+    if getattr(net, "img_resolution", None) not in (None, resolution):
+        raise ValueError(f"the teacher is a {net.img_resolution} px network, --resolution is {resolution}")
+    if getattr(net, "img_channels", None) not in (None, channels):
+        raise ValueError(f"the teacher takes {net.img_channels}-channel images, the data has {channels}")
+    if data_classes > label_dim:
+        raise ValueError(f"the data has labels up to {data_classes - 1}, the teacher {label_dim} classes")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Students (Sec. 4.6: G and mu_fake start from the teacher's weights) and sampling from a run.
+
+
+def build_students(teacher_net: nn.Module, schedule: dmd2.EDMSchedule, label_dim: int, channels: int,
+                   resolution: int, gan: bool, seed: int, device: torch.device) -> tuple[EDMDenoiser, Critic]:
+    """(G, critic): trainable copies of the teacher; the critic holds mu_fake and, if `gan`, the GAN head sized
+    from one encoder pass (initialised from `seed`, so identically on every rank). Both in eval mode: no
+    dropout, as the authors rebuild EDM's network with dropout 0."""
+    G = EDMDenoiser(copy.deepcopy(teacher_net).requires_grad_(True), schedule, label_dim).to(device)
+    fake = EDMDenoiser(copy.deepcopy(teacher_net).requires_grad_(True), schedule, label_dim).to(device)
+    head = None
+    if gan:
+        with torch.no_grad():  # the bottleneck's shape, from one encoder pass
+            x = torch.zeros(1, channels, resolution, resolution, device=device)
+            h = fake.features(x, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device))
+        torch.manual_seed(seed)
+        head = dmd2.GANHead(h.shape[1], h.shape[2]).to(device)
+    return G.eval(), Critic(fake, head).eval()
+
+
+def one_step(G: EDMDenoiser) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The student as a sampler: x = G(sigma_max z; sigma_max, label) (dmd2.sample with one step)."""
+    return lambda z, labels: dmd2.sample(G, z, G.schedule, [G.schedule.T - 1], labels)
+
+
+@torch.no_grad()
+def save_grid(G: EDMDenoiser, labels: list[int], n: int, channels: int, resolution: int, seed: int, path: str,
+              batch: int = 100) -> None:
+    """A PNG grid of one-step samples: a row per label, n samples each, from noise seeded with `seed`."""
+    from torchvision.utils import save_image
+
+    device = next(G.parameters()).device
+    y = torch.tensor(labels, device=device).repeat_interleave(n)
+    z = torch.randn(len(y), channels, resolution, resolution, generator=torch.Generator(device).manual_seed(seed),
+                    device=device)
+    with autocast(device):
+        x = torch.cat([one_step(G)(z[i:i + batch], y[i:i + batch]).float() for i in range(0, len(y), batch)])
+    save_image(x * 0.5 + 0.5, path, nrow=n, padding=1)
+
+
+def teacher_sampler(net: nn.Module, label_dim: int, nfe: int, heun: bool):
+    """EDM's sampler at a budget of `nfe` network evaluations, as a (z, labels) -> images callable."""
+    steps = (nfe + 1) // 2 if heun else nfe
+    return lambda z, labels: edm_sampler(net, z, labels, label_dim, steps, heun)
+
+
+def read_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint written by train_imagenet.py (a run folder or its checkpoint.pt); its config a plain dict."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ck = load_file(path, "checkpoint of train_imagenet.py", device)
+    if ck.get("kind") != "class-conditional" or not isinstance(ck.get("config"), dict):
+        raise ValueError(f"{path} is not a checkpoint of train_imagenet.py")
+    return ck
+
+
+def load_generator(path: str, device: torch.device | str = "cpu", ema: bool = False) -> tuple[EDMDenoiser, dict]:
+    """(G, the run's config dict): the one-step generator of a run (its EMA if asked and kept), for dmd2.sample.
+    The architecture is the run's: the small ADM UNet, or the UNet of its teacher pickle."""
+    ck = read_checkpoint(path)
+    cfg = ck["config"]
+    net = small_unet(cfg["resolution"], cfg["channels"], cfg["label_dim"]) if cfg.get("teacher") is None \
+        else edm_teacher(cfg["teacher"])
+    G = EDMDenoiser(net, dmd2.EDMSchedule(), cfg["label_dim"])
+    load_weights(G, ck["ema"] if ema and ck.get("ema") is not None else ck["G"], path)
+    return G.to(device).eval().requires_grad_(False), cfg
+
+
+def load_weights(module: nn.Module, state: dict, source: str, strict: bool = True) -> tuple[list, list]:
+    """module.load_state_dict, with a one-line error naming `source` when the weights do not fit the network
+    (a checkpoint of another width, resolution or number of classes)."""
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)[:200])
+        raise ValueError(f"{source}: its weights do not fit this network ({detail})") from None

@@ -1,0 +1,274 @@
+"""Evaluation metrics, computed as the papers they are compared with compute them.
+
+    images_to_uint8, MeanCov, inception_extractor, load_reference_statistics, fid_from_statistics
+                          FID as EDM's fid.py computes it (ImageNet-64, App. G): uint8 samples, Inception-v3 pool
+                          features in fp32, float64 statistics, EDM's reference .npz
+    generated_stats       feature statistics (and label accuracy) of generated samples, split over ranks
+    folder_fid, clip_score
+                          text-to-image (App. G): clean-fid FID and patch FID of image folders, OpenCLIP CLIP score
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from support.edm import local_file
+
+# ----------------------------------------------------------------------------------------------------
+# FID comparable with EDM's: DMD2 reports ImageNet-64 FID of 50,000 samples "using EDM's evaluation code"
+# (App. G), against EDM's reference statistics 'imagenet-64x64.npz' (not '-baseline.npz', which is for ADM).
+#
+# EDM's fid.py: StyleGAN3's Inception-v3 detector ('inception-2015-12-05.pkl', NVIDIA's PyTorch translation of
+# the TensorFlow graph inception-2015-12-05) called as detector(images, return_features=True) on uint8 NCHW
+# images with 3 channels (grayscale repeated) -> 2048-d pool features; mean and unbiased (n - 1) covariance
+# accumulated in float64; FD = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)). clean-fid's "legacy_tensorflow"
+# extractor runs the TorchScript export of the same translation ('inception-2015-12-05.pt', StyleGAN2-ADA's
+# detector) as base(images, return_features=True) on the images as given; the network itself casts them to
+# float32, resizes to 299x299 (TensorFlow's bilinear resize) and scales to [-1, 1], so uint8 in gives what
+# EDM's detector computes. Samples become uint8 exactly as EDM's generate.py writes its PNGs.
+
+
+def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Generator output in [-1, 1] -> uint8 the way EDM's generate.py writes its PNGs: (x 127.5 + 128),
+    clipped and truncated, i.e. round(x 127.5 + 127.5) with halves rounded up."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def _check_uint8_batch(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        what = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected uint8 images [B, C, H, W] in 0..255 (see images_to_uint8), got {what}")
+
+
+class MeanCov:
+    """Running mean and covariance of feature vectors, in float64, merged batch by batch (Chan et al. 1979):
+    exact for any number of batches, and free of the cancellation of sum(x x^T) - n mu mu^T. Starts from
+    zeros (the DMD2 authors' ImageNet FID code starts its covariance sum from ones)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None  # [D]
+        self.m2: torch.Tensor | None = None  # [D, D], sum of outer products of deviations from the mean
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add a batch of features [B, D]."""
+        if features.ndim != 2:
+            raise ValueError(f"features must be [B, D], got {list(features.shape)}")
+        if len(features) == 0:
+            return
+        f = features.detach().to(torch.float64)
+        mean = f.mean(0)
+        centred = f - mean
+        self.merge(len(f), mean, centred.T @ centred)
+
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add the statistics (count, mean, m2) of another set, e.g. another rank's `MeanCov`."""
+        if self.mean is None:
+            self.mean = torch.zeros_like(mean, dtype=torch.float64)
+            self.m2 = torch.zeros_like(m2, dtype=torch.float64)
+        if n == 0:
+            return
+        if mean.shape != self.mean.shape:
+            raise ValueError(f"feature dimension changed from {self.mean.shape[0]} to {mean.shape[0]}")
+        total = self.n + n
+        delta = mean.to(self.mean) - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2.to(self.m2) + torch.outer(delta, delta) * (self.n * n / total)
+        self.n = total
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu [D], sigma [D, D]) as float64 numpy arrays; sigma is the unbiased covariance, as EDM's."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.n}")
+        return self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy()
+
+
+def inception_extractor(device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """EDM's FID feature detector through clean-fid: uint8 [B, C, H, W] -> float32 [B, 2048].
+
+    clean-fid's "legacy_tensorflow" mode loads the TorchScript Inception-v3 from /tmp/inception-2015-12-05.pt,
+    downloading it on first use (on a machine without internet, put the file there). Images go in as EDM's
+    fid.py gives them to its detector: uint8, NCHW, any size (resized to 299x299 inside), grayscale repeated
+    to 3 channels.
+    """
+    import cleanfid.downloads_helper
+    import cleanfid.features
+
+    device = torch.device(device)
+    try:
+        model = cleanfid.features.build_feature_extractor("legacy_tensorflow", device=device, use_dataparallel=False)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        # clean-fid downloads without a temporary file: an interrupted download leaves a truncated file behind
+        raise RuntimeError(f"clean-fid could not load its Inception-v3 ({type(e).__name__}: {e}). Put "
+                           f"{cleanfid.downloads_helper.inception_url} at /tmp/inception-2015-12-05.pt (and delete "
+                           f"a partial file there, if any)") from e
+    return _edm_detector_input(model, device)
+
+
+def _edm_detector_input(model: Callable[[torch.Tensor], torch.Tensor],
+                        device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a detector so that it receives exactly what EDM's fid.py passes to its own."""
+
+    @torch.no_grad()
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        _check_uint8_batch(images)
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)  # EDM's fid.py does the same
+        with torch.autocast(device.type, enabled=False):  # fp32 features whatever the caller's autocast
+            return model(images.to(device)).float()
+
+    return extract
+
+
+def load_reference_statistics(path_or_url: str, cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an .npz with keys 'mu' [D] and 'sigma' [D, D], as EDM's fid.py writes them, e.g.
+    `EDM_IMAGENET64_REF_URL`. URLs are downloaded once (see `local_file`)."""
+    path = local_file(path_or_url, cache_dir)
+    try:
+        npz = np.load(path)  # allow_pickle=False: statistics are plain arrays
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not an .npz file of FID statistics ({e})") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single array, not an .npz file of FID statistics with 'mu' and 'sigma'")
+    with npz:
+        missing = {"mu", "sigma"} - set(npz.files)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}; found {npz.files}. Expected EDM's reference "
+                             f"statistics, np.savez(path, mu=mu, sigma=sigma)")
+        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} must be [D] and [D, D]")
+    return mu, sigma
+
+
+def reference_for(path_or_url: str, extractor: Callable[[torch.Tensor], torch.Tensor], channels: int,
+                  resolution: int, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+    """Reference statistics that match `extractor`'s feature dimension (checked on two blank images)."""
+    mu, sigma = load_reference_statistics(path_or_url)
+    dim = extractor(torch.zeros(2, channels, resolution, resolution, dtype=torch.uint8, device=device)).shape[1]
+    if dim != len(mu):
+        raise ValueError(f"--ref {path_or_url}: statistics of {len(mu)}-d features, but the detector gives {dim}-d "
+                         f"ones (EDM's Inception: 2048)")
+    return mu, sigma
+
+
+def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, by clean-fid's
+    `frechet_distance` (EDM's fid.py computes the same; clean-fid also guards against a singular product)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = len(mu1) if mu1.ndim == 1 else -1
+    if d < 0 or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
+                         f"sigma2 {sigma2.shape}")
+    from cleanfid.fid import frechet_distance
+
+    return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics of generated samples.
+
+
+@torch.no_grad()
+def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label_dim: int, extractor, seed: int,
+                    device, rank: int = 0, world: int = 1) -> tuple[MeanCov, float]:
+    """Feature statistics of n generated samples (split over ranks) and, when the extractor also returns
+    logits, their accuracy against the labels asked for. sample_fn(z, labels) -> images in [-1, 1], which are
+    quantised as saved PNGs would be (`images_to_uint8`) before feature extraction."""
+    stats, correct, gen = MeanCov(), torch.zeros((), device=device), torch.Generator(device)
+    per_rank = math.ceil(n / world)
+    count = min(per_rank, n - rank * per_rank)
+    gen.manual_seed(seed * 1000 + rank)
+    for i in range(0, count, batch):
+        b = min(batch, count - i)
+        labels = torch.randint(0, label_dim, (b,), generator=gen, device=device)
+        images = images_to_uint8(sample_fn(torch.randn(b, *shape, generator=gen, device=device), labels).float())
+        feats, logits = extractor(images)
+        stats.update(feats)
+        if logits is not None:
+            correct += (logits.argmax(1) == labels).sum()
+    if dist.is_initialized():  # merge every rank's (n, mean, m2)
+        parts = [None] * world
+        dist.all_gather_object(parts, (stats.n, stats.mean.cpu(), stats.m2.cpu()))
+        stats = MeanCov()
+        for part in parts:
+            stats.merge(*part)
+        dist.all_reduce(correct)
+    return stats, correct.item() / n
+
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text-to-image (App. G): clean-fid FID on centre-cropped, resized images (256 px for SD v1.5, Table 5; 512 px for
+# SDXL, Table 2), patch FID on 299 px centre crops of the full-resolution images, CLIP score with OpenCLIP.
+
+
+def centre_crop_resize(size: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """The long edge centre-cropped to a square, then LANCZOS-resized to `size` (clean-fid's image hook)."""
+    from PIL import Image
+
+    def f(img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
+        s = min(h, w)
+        img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS)) if size else img
+
+    return f
+
+
+def centre_patch(size: int = 299) -> Callable[[np.ndarray], np.ndarray]:
+    def f(img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
+        return img[(h - size) // 2:(h - size) // 2 + size, (w - size) // 2:(w - size) // 2 + size]
+
+    return f
+
+
+def folder_fid(generated: str | Path, reference: str | Path, transform: Callable, device: torch.device,
+               batch: int) -> float:
+    """clean-fid's FID ("clean" mode, its Inception-v3 in fp32) between two image folders, each image passed
+    through `transform` first."""
+    from cleanfid import fid
+
+    with torch.autocast(device.type, enabled=False):
+        return float(fid.compute_fid(str(generated), str(reference), mode="clean", device=device, num_workers=0,
+                                     batch_size=batch, verbose=False, use_dataparallel=False,
+                                     custom_image_tranform=transform))
+
+
+def load_clip(name: str = "ViT-g-14", pretrained: str = "laion2b_s12b_b42k", device: torch.device | str = "cpu"):
+    """(model, image preprocess, tokenizer) from open_clip (the paper: ViT-g-14)."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def clip_score(folder: Path, prompts: list[str], clip: tuple, device: torch.device, batch: int) -> float:
+    """Mean cosine similarity of image and prompt embeddings (the paper's 0.33 scale) of folder/00000.png, ...,
+    with clip = load_clip(...)."""
+    from PIL import Image
+
+    model, preprocess, tokenizer = clip
+    crop, scores = centre_crop_resize(256), []
+    for b in range(0, len(prompts), batch):
+        idx = range(b, min(b + batch, len(prompts)))
+        imgs = torch.stack([preprocess(Image.fromarray(crop(np.asarray(Image.open(folder / f"{i:05d}.png")
+                                                                       .convert("RGB"))))) for i in idx]).to(device)
+        fi = torch.nn.functional.normalize(model.encode_image(imgs).float(), dim=-1)
+        ft = torch.nn.functional.normalize(model.encode_text(tokenizer([prompts[i] for i in idx]).to(device))
+                                           .float(), dim=-1)
+        scores.append((fi * ft).sum(-1).cpu())
+    return torch.cat(scores).mean().item()

@@ -1,0 +1,396 @@
+"""Run plumbing shared by the scripts: torchrun set-up, autocast, the run folder (an exclusive lock, stale temporary
+files, writability), checkpoint files written atomically and read without executing code, random-state capture
+for exact resume, command-line flags generated from a config dataclass with one-line errors, the jsonl log with its
+tqdm line, and line plots.
+
+Nothing here knows about networks or datasets; callers pass what they need (paths, generators, rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import glob
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it, one process.
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world, device): one process per GPU (NCCL) under torchrun, or per CPU slot (gloo)."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device or ("cuda" if cuda else "cpu"))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj: object) -> list:
+    """`obj` of every rank, in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (the authors found fp16 unstable); fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors: the project's own checks raise ValueError (or FileNotFoundError, FloatingPointError, PermissionError)
+# with a message for the user; the entry point prints it as one `error: ...` line and exits 1, no traceback.
+
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, PermissionError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: ... (see --help)` and exit code 2, without the usage block."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class ErrorExit(SystemExit):
+    """SystemExit with exit code 1 whose text is the one line already printed (what a caller in Python sees)."""
+
+    def __init__(self, line: str):
+        super().__init__(1)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+@contextlib.contextmanager
+def one_line_errors(interrupted: Callable[[], str] | None = None) -> Iterator[None]:
+    """Turn the project's errors into one `error: ...` line on stderr and exit 1 (DMD2_TRACEBACK=1 also prints
+    the traceback); Ctrl-C into one line saying `interrupted()` (which checkpoint --resume continues from), exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted() if interrupted else 'stopped'}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as e:
+        if os.environ.get("DMD2_TRACEBACK"):
+            traceback.print_exc()
+        line = f"error: {e}"
+        if is_main():
+            print(line, file=sys.stderr)
+        raise ErrorExit(line) from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder: one run at a time, no stale temporary files, writable before any work starts.
+
+
+def prepare_run_folder(folder: str | Path) -> Path:
+    """Create the run folder (or check it), refusing a file or a folder it cannot write to."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a run folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"--out {folder}: cannot write there ({e.strerror or e})") from None
+    return folder
+
+
+class RunLock:
+    """An exclusive lock on a run folder (RUN/.lock, fcntl.flock): a second run on the same folder refuses at once,
+    naming the process that holds it. The kernel releases the lock when its process dies, however it dies, so a
+    lock file left by a killed run is simply taken over. Taking it also removes the temporary files that a kill
+    during a checkpoint write left behind (`*.tmp<pid>`): with the lock held, no other writer exists."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"{folder} is in use by process {holder} (a run on the same --out); wait for it to "
+                             f"finish or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        self.removed = [f for f in glob.glob(str(Path(folder) / "*.tmp[0-9]*")) if re.search(r"\.tmp\d+$", f)]
+        for f in self.removed:
+            os.remove(f)
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path) -> Iterator[RunLock | None]:
+    """Hold the run folder's lock (rank 0; the other ranks write nothing there) for the duration of a run."""
+    lock = RunLock(folder) if is_main() else None
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def checkpoint_note(path: str | Path) -> str:
+    """Which step `--resume` would continue from (read lazily from the file, without loading its tensors)."""
+    if not Path(path).is_file():
+        return "no checkpoint was written yet"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return f"{path} is not readable"
+    return f"--resume continues from {path} (iteration {step})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint files: plain dicts of tensors, numbers, strings and containers, so that they load with
+# torch.load(weights_only=True), which never runs code from the file.
+
+
+def save_atomic(obj: object, path: str | Path) -> None:
+    """torch.save to a temporary file, flushed to disk, then renamed: a kill mid-write leaves the previous file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_file(path: str | Path, what: str, map_location: torch.device | str = "cpu", mmap: bool = False) -> dict:
+    """torch.load(weights_only=True) of a file this project wrote, with a one-line error for anything else
+    (a truncated or foreign file, or one whose objects would need code to rebuild)."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except Exception as e:  # truncated, random bytes, or refused by the weights-only unpickler
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {reason[:200]})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a {what} (it holds a {type(obj).__name__})")
+    return obj
+
+
+def rng_state(gens: dict[str, torch.Generator]) -> dict:
+    """The named generators' states, torch's global CPU state and, on a GPU machine, every CUDA device's."""
+    s = {k: g.get_state() for k, g in gens.items()} | {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(gens: dict[str, torch.Generator], s: dict) -> None:
+    for k, g in gens.items():
+        g.set_state(s[k])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        cuda = s["cuda"]
+        torch.cuda.set_rng_state_all(cuda) if isinstance(cuda, list | tuple) else torch.cuda.set_rng_state(cuda)
+
+
+def check_finite(named: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    """FloatingPointError naming the first non-finite tensor (weights are never written with a NaN)."""
+    bad = [n for n, p in named if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights ({bad[0]}{', ...' if len(bad) > 1 else ''}) {where}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: every field of a config dataclass is a flag, with the comment after the field as its help.
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """`name: type = default  # help` lines of a dataclass -> {name: help}."""
+    return dict(re.findall(r"^ +(\w+): [^=]+=.*?# (.+)$", inspect.getsource(cls), re.M))
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, choices: dict | None = None,
+                     default_note: str = "") -> None:
+    """One flag per field (`--eval-samples`), default None so that `given_flags` sees what the user typed.
+    bool fields get --x / --no-x."""
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split(" ")[0]
+        h = helps.get(f.name, "")
+        if default_note:
+            h = f"{h} (default: {f.default!r}{default_note})"
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=h,
+                           choices=(choices or {}).get(f.name))
+
+
+def given_flags(args: argparse.Namespace, cls: type) -> dict:
+    """The config fields set on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+
+
+def config_from(cls: type, saved: dict):
+    """A config from a checkpoint's dict, ignoring fields this version no longer has."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resumed_config(cls: type, saved: dict, step: int, given: dict, fixed: tuple[str, ...]):
+    """The run's own settings (a checkpoint's config at `step`) with what the command line changes, refusing
+    changes to the `fixed` fields (they define the networks in the checkpoint) and an --iters below `step`."""
+    changed = [k for k in fixed if k in given and given[k] != saved.get(k)]
+    if changed:
+        raise ValueError(f"a resumed run cannot change {flag(changed[0])} (the run has {saved.get(changed[0])!r}); "
+                         f"start a new run with another --out")
+    if given.get("iters", saved.get("iters", step)) < step:
+        raise ValueError(f"--iters {given['iters']} is below the checkpoint's iteration {step}")
+    return config_from(cls, saved | given)
+
+
+def require(ok: bool, message: str) -> None:
+    """A ValueError with `message` unless `ok`: one line per check in a script's validation."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_numbers(cfg: object, at_least_one: tuple[str, ...] = (), positive: tuple[str, ...] = ()) -> None:
+    """Every int / float field finite and >= 0; `at_least_one` fields >= 1; `positive` fields > 0."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, int | float) and not isinstance(v, bool) and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{flag(f.name)} must be a finite number >= 0, got {v}")
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{flag(name)} must be > 0, got {getattr(cfg, name)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The log: one json object per logging interval in RUN/log.jsonl, and the same row as a line under tqdm.
+
+
+class Log:
+    """log.jsonl of a run folder. `restart(history)` rewrites it from a checkpoint's rows, so that a resumed run
+    neither repeats nor loses a line; `write(row)` appends one row (rank 0 only)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = os.path.join(folder, "log.jsonl")
+
+    def restart(self, history: list[dict]) -> None:
+        if is_main():
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in history)
+
+    def write(self, row: dict) -> None:
+        if not is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+class Averages:
+    """Means of the logged values over a logging interval, across ranks (one all_reduce per interval)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        """The interval's means (rounded to 6 digits), and a fresh interval."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        vals = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        if dist.is_initialized():
+            dist.all_reduce(vals)
+            vals /= dist.get_world_size()
+        self.sums, self.counts = {}, {}
+        return {k: round(v, 6) for k, v in zip(keys, vals.tolist(), strict=True)}
+
+
+def nonfinite(row: dict) -> bool:
+    return not all(math.isfinite(v) for v in row.values() if isinstance(v, int | float))
+
+
+def plot(path: str | Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "") -> None:
+    """Line plot of {label: (xs, ys)} as a PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4) if len(series) > 1 else (6, 3.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_results(results: dict, step: int | None = None) -> None:
+    """Evaluation results as lines under the tqdm bar (rank 0)."""
+    if not is_main():
+        return
+    head = f"[eval @ {step}] " if step is not None else ""
+    for k, v in results.items():
+        if k == "teacher":
+            for nfe, r in v.items():
+                tqdm.write(f"{head}teacher {nfe:>2} NFE ({r['sampler']}, {r['nfe']}): " +
+                           ", ".join(f"{a} {b:.4g}" for a, b in r.items() if isinstance(b, float)))
+        elif isinstance(v, dict):
+            tqdm.write(f"{head}{k}: " + ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}"
+                                                  for a, b in v.items()))
