@@ -132,7 +132,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lr_lambda(cfg))
     c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, lr_lambda(cfg))
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # per-rank noise, labels, timesteps
-    path, start, history = os.path.join(cfg.out, "checkpoint.pt"), 0, []
+    path, start, history, averages = os.path.join(cfg.out, "checkpoint.pt"), 0, [], runs.Averages()
     if cfg.init_from and not resume:  # weights only (the paper's second phase of the longer schedule)
         ck = edm.read_checkpoint(cfg.init_from, device)
         edm.load_weights(G, ck["G"], cfg.init_from)
@@ -152,6 +152,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
             nets.ema.load_state_dict(ck["ema"])
         runs.set_rng_state({"gen": gen}, ck["rng"][rank])
         real.load_state_dict(ck["data"][rank])
+        averages.load_state_dict(ck["averages"][rank] if "averages" in ck else {})  # a log interval under way
         start, history = ck["step"], ck["history"]
     log = runs.Log(cfg.out)
     log.restart(history)  # the log restarts from the checkpoint's history (lines after it would repeat)
@@ -168,11 +169,13 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         runs.check_finite([*G.named_parameters(), *critic.named_parameters()],
                           f"at iteration {step}: not written to {to}")
         rngs, data = runs.gather(runs.rng_state({"gen": gen})), runs.gather(real.state_dict())
+        means = runs.gather(averages.state_dict())
         if runs.is_main():
             runs.save_atomic(dict(kind="class-conditional", config=asdict(cfg), step=step, G=G.state_dict(),
                                   critic=critic.state_dict(), ema=nets.ema.state_dict() if nets.ema else None,
                                   g_opt=g_opt.state_dict(), c_opt=c_opt.state_dict(), g_sched=g_sched.state_dict(),
-                                  c_sched=c_sched.state_dict(), rng=rngs, data=data, history=history, **extra), to)
+                                  c_sched=c_sched.state_dict(), rng=rngs, data=data, history=history, averages=means,
+                                  **extra), to)
         runs.barrier()
 
     probe = torch.Generator(device).manual_seed(12345)  # fixed batch for the brightness signal (Fig. 8)
@@ -180,7 +183,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     probe_y = torch.arange(100, device=device) % cfg.label_dim
     b_local, T = cfg.batch // world, schedule.T
     t_in = torch.full((b_local,), T - 1, device=device)
-    averages, saved = runs.Averages(), start if resume else None
+    saved = start if resume else None
     best = next(({k: r[k] for k in ("best_fd", "best_it")} for r in reversed(history) if "best_fd" in r), None)
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="distill", disable=not runs.is_main())
     t0 = time.time()

@@ -302,7 +302,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
     warm = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup, 1))  # noqa: E731
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, warm) for k, o in opts.items()}
     gens = generators(cfg, rank, device)
-    start, history = 0, []
+    start, history, averages = 0, [], runs.Averages()
     if cfg.init and not cfg.resume:
         sd.load_trainable(nets, runs.load_file(sd.find_checkpoint(cfg.init), "checkpoint of train_t2i.py",
                                                mmap=True)["nets"], fsdp)
@@ -317,6 +317,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         elif master:
             print(f"resuming on {world} processes, not {len(resume['rng'])}: random streams restart")
         start, history = resume["step"], resume.get("history", [])
+        averages.load_state_dict(resume["averages"][rank] if len(resume.get("averages", [])) == world else {})
         del resume
     log = runs.Log(out)
     log.restart(history)
@@ -325,7 +326,8 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
     def save(step: int) -> None:  # every rank takes part (FSDP gathers); rank 0 writes
         state = {"kind": "text-to-image", "config": dataclasses.asdict(cfg), "step": step, "history": history,
                  "nets": sd.trainable_state(nets, fsdp), "opts": sd.optimizer_states(nets, opts, fsdp),
-                 "scheds": {k: s.state_dict() for k, s in scheds.items()}, "rng": runs.gather(runs.rng_state(gens))}
+                 "scheds": {k: s.state_dict() for k, s in scheds.items()}, "rng": runs.gather(runs.rng_state(gens)),
+                 "averages": runs.gather(averages.state_dict())}
         if master:
             runs.check_finite(((f"{k}.{n}", v) for k, sub in state["nets"].items() for n, v in sub.items()),
                               f"at iteration {step}: not written to {ckpt_path}")
@@ -342,7 +344,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
     latent = cfg.resolution // base.vae_factor
     fixed = sd.encode_prompts(base, prompts[:4], cfg.resolution)  # the sample grid's prompts and noise
     fixed_z = torch.randn(len(prompts[:4]), 4, latent, latent, generator=torch.Generator().manual_seed(cfg.seed))
-    averages, t0 = runs.Averages(), time.time()
+    t0 = time.time()
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not master, desc=cfg.preset)
     for it in bar:
         # the batch: prompts for G, real latents and captions for D; text encoded once for both

@@ -346,12 +346,22 @@ class Averages:
             self.sums[k] = self.sums.get(k, 0) + v.detach().float()
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def state_dict(self) -> dict:
+        """The open interval's sums and counts (this rank's), so that a resumed run logs the same means."""
+        return {k: [float(v), self.counts[k]] for k, v in self.sums.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {k: s for k, (s, _) in state.items()}
+        self.counts = {k: n for k, (_, n) in state.items()}
+
     def pop(self) -> dict[str, float]:
         """The interval's means (rounded to 6 digits), and a fresh interval."""
         keys = sorted(self.sums)
         if not keys:
             return {}
-        vals = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        means = [self.sums[k] / self.counts[k] for k in keys]  # tensors, or floats restored from a checkpoint
+        device = next((m.device for m in means if isinstance(m, torch.Tensor)), torch.device("cpu"))
+        vals = torch.stack([torch.as_tensor(m, dtype=torch.float32, device=device) for m in means])
         if dist.is_initialized():
             dist.all_reduce(vals)
             vals /= dist.get_world_size()

@@ -166,6 +166,32 @@ def test_second_run_on_the_same_folder_is_refused(run_copy, capsys):
     assert not list(run_copy.glob("*.tmp*")) and ti.edm.read_checkpoint(str(run_copy))["step"] == 8
 
 
+def test_interrupted_mid_interval_logs_the_same_means(tmp_path, monkeypatch, capsys):
+    """Stopped at iteration 4 (checkpoint at 3, rows every 4): the resumed run's log equals an uninterrupted one."""
+    args = [*TINY, "--iters", "8", "--ckpt-every", "3", "--log-every", "4"]
+    straight, split = tmp_path / "a", tmp_path / "b"
+    ti.main(["--out", str(straight), *args])
+    split.mkdir()
+    for f in ("teacher.pt", "classifier.pt"):
+        shutil.copy(straight / f, split / f)
+    iteration = dmd2.train_iteration
+
+    def stop_at_4(it, *a, **k):
+        if it == 4:
+            raise KeyboardInterrupt
+        return iteration(it, *a, **k)
+
+    monkeypatch.setattr(dmd2, "train_iteration", stop_at_4)
+    with pytest.raises(SystemExit) as e:
+        ti.main(["--out", str(split), *args])
+    assert e.value.code == 130 and "continues from" in capsys.readouterr().err
+    monkeypatch.setattr(dmd2, "train_iteration", iteration)
+    ti.main(["--out", str(split), "--resume"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert strip(ti.edm.read_checkpoint(str(split))["history"]) == strip(ti.edm.read_checkpoint(str(straight))[
+        "history"])
+
+
 def test_resume_off_a_logging_boundary_repeats_no_row(run_copy):
     """The run stopped at 6 (rows at 4 and 6, log every 4); resuming to 10 adds 8 and 10, nothing twice."""
     ti.main(["--out", str(run_copy), "--resume", "--iters", "10"])
@@ -250,8 +276,9 @@ def test_reference_statistics_load_without_pickle(tmp_path):
 
 
 def kill_trials(root, n: int, seed: int = 0, iters: int = 24) -> dict:
-    """n trials: a run killed with SIGKILL after a random delay, then resumed to the end; compared with an
-    uninterrupted run of the same settings. Returns counts (the README's 'what runs survive' figures)."""
+    """n trials: a run killed with SIGKILL at a random moment of its distillation (0-2 s after its first
+    checkpoint; one is written every iteration), then resumed to the end; compared with an uninterrupted run of
+    the same settings. Returns counts (the README's 'what runs survive' figures)."""
     import random
 
     rng, root = random.Random(seed), os.fspath(root)
@@ -269,7 +296,10 @@ def kill_trials(root, n: int, seed: int = 0, iters: int = 24) -> dict:
             shutil.copy(os.path.join(ref, f), run)
         proc = subprocess.Popen([sys.executable, script, "--out", run, *args], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 9.0))
+        deadline = time.time() + 300  # into distillation: the first checkpoint, then a random moment after it
+        while not os.path.exists(os.path.join(run, "checkpoint.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
         proc.kill()
         proc.wait()
         killed = not os.path.exists(os.path.join(run, "metrics.json"))
