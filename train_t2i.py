@@ -370,9 +370,11 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         logs = {k: getattr(v, "full_tensor", lambda v=v: v)().float() for k, v in logs.items()}  # FSDP: DTensors
         if any_rank(not torch.isfinite(torch.stack(list(logs.values()))).all().item(), device):
             last = f"{ckpt_path} (step {saved[0]})" if saved[0] is not None else "none was written yet"
+            hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if not bool(
+                torch.isfinite(logs.get("loss_dmd", torch.zeros(())))) else ""
             raise FloatingPointError(f"non-finite loss at iteration {it}: "
-                                     f"{ {k: round(v.item(), 4) for k, v in logs.items()} }; last good checkpoint: "
-                                     f"{last}")
+                                     f"{ {k: round(v.item(), 4) for k, v in logs.items()} }{hint}; last good "
+                                     f"checkpoint: {last}")
         averages.add(logs)
         if (it + 1) % cfg.log_every == 0:
             row = dict(it=it + 1, lr=scheds["g_opt"].get_last_lr()[0]) | averages.pop()

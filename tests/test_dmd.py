@@ -94,7 +94,9 @@ def test_dmd_normaliser_is_mean_abs_of_x_minus_real_x0():
     torch.testing.assert_close(grad, torch.tensor([[1 / 2.5] * 4, [1 / 0.5] * 4]))
 
 
-def test_dmd_gradient_nan_safe():
+def test_dmd_gradient_zero_norm_and_non_finite_predictions():
+    """A sample the teacher reproduces exactly (0/0) gets no gradient; a NaN prediction stays visible (DMD's
+    nan_to_num would turn it into a silent zero), so the training loop stops on the loss."""
     x = torch.randn(3, 4)
     def real(x_t, t, c):
         out = torch.zeros_like(x_t)
@@ -105,7 +107,12 @@ def test_dmd_gradient_nan_safe():
         out[1, 2] = float("nan")
         return out
     grad = dmd2.dmd_gradient(x, real, fake, SCHEDULES["edm"], noise=torch.zeros_like(x))
-    assert torch.isfinite(grad).all()
+    assert torch.equal(grad[0], torch.zeros(4)) and torch.isfinite(grad[2]).all()
+    assert grad[1, 2].isnan() and not torch.isfinite(dmd2.dmd_loss(x, grad))
+    for bad in (float("inf"), float("nan")):  # a teacher predicting inf or NaN everywhere
+        grad = dmd2.dmd_gradient(x, lambda x_t, t, c, bad=bad: torch.full_like(x_t, bad), fake,
+                                 SCHEDULES["edm"], noise=torch.zeros_like(x))
+        assert not torch.isfinite(grad).any()
 
 
 def test_dmd_timesteps_range_and_shared_inputs():

@@ -230,19 +230,8 @@ def test_non_finite_teacher_stops_the_run(tmp_path, capsys, monkeypatch):
         return nets
 
     monkeypatch.setattr(ti, "build_nets", build_then_poison)
-    expect_error(ti.main, ["--out", str(tmp_path), *TINY], capsys, "teacher (mu_real) predicts a non-finite x0")
+    expect_error(ti.main, ["--out", str(tmp_path), *TINY], capsys, "the teacher or the fake score predicts inf/NaN")
     assert not (tmp_path / "checkpoint.pt").exists()
-
-
-def test_dmd_gradient_refuses_non_finite_predictions():
-    x, t = torch.randn(2, 3), torch.tensor([100, 200])
-    finite = lambda x_t, t, c: torch.zeros_like(x_t)  # noqa: E731
-    inf = lambda x_t, t, c: torch.full_like(x_t, float("inf"))  # noqa: E731
-    sch = dmd2.EDMSchedule()
-    with pytest.raises(FloatingPointError, match="teacher"):
-        dmd2.dmd_gradient(x, inf, finite, sch, t=t)
-    with pytest.raises(FloatingPointError, match="fake score"):
-        dmd2.dmd_gradient(x, finite, inf, sch, t=t)
 
 
 # ----------------------------------------------------------------------------------------------------
