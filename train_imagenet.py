@@ -204,13 +204,8 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
             with torch.no_grad():
                 for pe, p in zip(nets.ema.parameters(), G.parameters(), strict=True):
                     pe.lerp_(p, 1 - beta)
-        if not bool(torch.isfinite(torch.stack(list(logs.values()))).all()):  # one check per iteration
-            last = f"{path} (iteration {saved})" if saved is not None else "none was written yet"
-            bad = [k for k, v in logs.items() if not math.isfinite(v)]
-            hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if "loss_dmd" in bad else ""
-            raise FloatingPointError(f"non-finite loss at iteration {it + 1}: "
-                                     f"{ {k: round(v.item(), 4) for k, v in logs.items()} }{hint}; last good "
-                                     f"checkpoint: {last}")
+        runs.stop_if_nonfinite(logs, it + 1, f"{path} (iteration {saved})" if saved is not None else
+                               "none was written yet", device)
         averages.add(logs)
         if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters:
             with torch.no_grad(), runs.autocast(device):

@@ -368,13 +368,8 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         for s in scheds.values():  # both schedules advance every iteration (warm-up counts iterations)
             s.step()
         logs = {k: getattr(v, "full_tensor", lambda v=v: v)().float() for k, v in logs.items()}  # FSDP: DTensors
-        if any_rank(not torch.isfinite(torch.stack(list(logs.values()))).all().item(), device):
-            last = f"{ckpt_path} (step {saved[0]})" if saved[0] is not None else "none was written yet"
-            hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if not bool(
-                torch.isfinite(logs.get("loss_dmd", torch.zeros(())))) else ""
-            raise FloatingPointError(f"non-finite loss at iteration {it}: "
-                                     f"{ {k: round(v.item(), 4) for k, v in logs.items()} }{hint}; last good "
-                                     f"checkpoint: {last}")
+        runs.stop_if_nonfinite(logs, it, f"{ckpt_path} (step {saved[0]})" if saved[0] is not None else
+                               "none was written yet", device)
         averages.add(logs)
         if (it + 1) % cfg.log_every == 0:
             row = dict(it=it + 1, lr=scheds["g_opt"].get_last_lr()[0]) | averages.pop()
@@ -398,14 +393,6 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         sd.export(str(out))
         print(f"done: {ckpt_path}, export in {out / 'export'}")
     runs.barrier()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def estimate_memory(given: dict, arch: str) -> dict[str, float]:

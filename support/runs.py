@@ -83,6 +83,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def close_progress_bars() -> None:
+    """Close the open tqdm bars now, so that their last line comes before ours, not after it at exit."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 class ErrorExit(SystemExit):
     """SystemExit with exit code 1 whose text is the one line already printed (what a caller in Python sees)."""
 
@@ -101,11 +107,13 @@ def one_line_errors(interrupted: Callable[[], str] | None = None) -> Iterator[No
     try:
         yield
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"\ninterrupted: {interrupted() if interrupted else 'stopped'}", file=sys.stderr)
         raise SystemExit(130) from None
     except USER_ERRORS as e:
         if os.environ.get("DMD2_TRACEBACK"):
             traceback.print_exc()
+        close_progress_bars()
         line = f"error: {e}"
         if is_main():
             print(line, file=sys.stderr)
@@ -367,6 +375,26 @@ class Averages:
             vals /= dist.get_world_size()
         self.sums, self.counts = {}, {}
         return {k: round(v, 6) for k, v in zip(keys, vals.tolist(), strict=True)}
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any process (so that all of them stop together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def stop_if_nonfinite(logs: dict[str, torch.Tensor], step: int, last: str, device: torch.device) -> None:
+    """FloatingPointError, on every process, if a loss of this iteration is not finite (one device sync), with the
+    values, a likely cause, and `last`, the last checkpoint actually written."""
+    if any_rank(not torch.isfinite(torch.stack([v.float() for v in logs.values()])).all().item(), device):
+        hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if "loss_dmd" in logs and not \
+            torch.isfinite(logs["loss_dmd"]) else ""
+        raise FloatingPointError(f"non-finite loss at iteration {step}: "
+                                 f"{ {k: round(v.item(), 4) for k, v in logs.items()} }{hint}; last good checkpoint: "
+                                 f"{last}")
 
 
 def nonfinite(row: dict) -> bool:
