@@ -174,6 +174,7 @@ class RunLock:
 def locked(folder: str | Path) -> Iterator[RunLock | None]:
     """Hold the run folder's lock (rank 0; the other ranks write nothing there) for the duration of a run."""
     lock = RunLock(folder) if is_main() else None
+    barrier()  # no rank writes before rank 0 holds the lock and has removed stale temporary files
     try:
         yield lock
     finally:
