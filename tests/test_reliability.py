@@ -204,14 +204,19 @@ def test_ctrl_c_says_where_resume_continues(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--out", str(run), *TINY, "--iters", "100000",
            "--ckpt-every", "2"]
+    # a job started in the background by a non-interactive shell (as CI may be) inherits SIGINT ignored: restore it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 300
-    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     step = ti.edm.read_checkpoint(str(run))["step"]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].endswith(f"--resume continues from {run / 'checkpoint.pt'} (iteration {step})")
