@@ -594,7 +594,8 @@ def read_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ck = load_file(path, "checkpoint of train_imagenet.py", device)
+    # on the CPU memory-mapped: reading the config (argument checks) does not load a multi-GB checkpoint's tensors
+    ck = load_file(path, "checkpoint of train_imagenet.py", device, mmap=torch.device(device).type == "cpu")
     if ck.get("kind") != "class-conditional" or not isinstance(ck.get("config"), dict):
         raise ValueError(f"{path} is not a checkpoint of train_imagenet.py")
     return ck
