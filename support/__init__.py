@@ -7,7 +7,7 @@
                   resumable real-image stream of the GAN term
     sd.py         diffusers' side: SD v1.5 / SDXL parts, conditioning, UNets as denoisers, LoRA, DDP / FSDP, exports
     metrics.py    EDM-comparable FID (Inception features in fp32), Frechet distances, clean-fid FID, patch FID, CLIP
-    mnist.py      the small experiment: MNIST digits, its small EDM teacher, the digit classifier, teacher baselines
+    small.py      the small experiment: MNIST or own images, its small EDM teacher and classifier, KID, ablations
     benchmark.py  time and network calls of one generator update of the ImageNet architecture
 
 Dependencies run one way: scripts -> these modules -> dmd2.py. No module here imports a script.

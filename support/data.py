@@ -81,13 +81,14 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images and class labels from a dataset written by EDM's dataset_tool.py (a .zip or a folder).
 
     Items are `(image, label)`: image a uint8 tensor [C, H, W] (C = 1 or 3), label an int (-1 when
-    `use_labels=False`). Everything is checked at construction, which reads every image and verifies it
-    without decoding (a truncated or corrupt file is found before training, not in it): all images square, of
-    one size and channel count, equal to `resolution` if given, and with `use_labels` a label for every image.
-    A zip is opened lazily, once per process, so the dataset works in DataLoader workers (forked or spawned).
+    `use_labels=False`, or None and dataset.json has no labels). Everything is checked at construction, which reads
+    every image and verifies it without decoding (a truncated or corrupt file is found before training, not in it):
+    all images square, of one size and channel count, equal to `resolution` if given, and with `use_labels` a label
+    for every image. A zip is opened lazily, once per process, so the dataset works in DataLoader workers (forked or
+    spawned).
     """
 
-    def __init__(self, path: str, resolution: int | None = None, use_labels: bool = True):
+    def __init__(self, path: str, resolution: int | None = None, use_labels: bool | None = True):
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such dataset: {path}")
         self.path = path
@@ -107,6 +108,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if not self.names:
             raise ValueError(f"{path}: no images found (extensions {', '.join(_IMAGE_EXTENSIONS)})")
         self._shape = self._check_images(resolution)  # (C, H, W)
+        if use_labels is None:  # labels if dataset.json has them, else none (unconditional)
+            use_labels = self._has_labels()
         self.labels = self._read_labels() if use_labels else np.full(len(self.names), -1, dtype=np.int64)
         self.close()  # reopened lazily by whichever process reads items
 
@@ -150,6 +153,15 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{self.path}: images differ in size or channels: {first[0]} is "
                                  f"{_describe(first[1])} but {name} is {_describe(shape)}")
         return first[1]
+
+    def _has_labels(self) -> bool:
+        try:
+            with self._open("dataset.json") as f:
+                return json.load(f).get("labels") is not None
+        except (FileNotFoundError, KeyError, AttributeError):
+            return False
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}: dataset.json is not valid JSON: {e}") from e
 
     def _read_labels(self) -> np.ndarray:
         hint = "; pass use_labels=False for unconditional use"

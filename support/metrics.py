@@ -3,6 +3,7 @@
     images_to_uint8, MeanCov, inception_extractor, load_reference_statistics, fid_from_statistics
                           FID as EDM's fid.py computes it (ImageNet-64, App. G): uint8 samples, Inception-v3 pool
                           features in fp32, float64 statistics, EDM's reference .npz
+    kid                   clean-fid's unbiased kernel distance (KID) over random subsets, with its standard deviation
     generated_stats       feature statistics (and label accuracy) of generated samples, split over ranks
     folder_fid, clip_score
                           text-to-image (App. G): clean-fid FID and patch FID of image folders, OpenCLIP CLIP score
@@ -52,10 +53,11 @@ class MeanCov:
     exact for any number of batches, and free of the cancellation of sum(x x^T) - n mu mu^T. Starts from
     zeros (the DMD2 authors' ImageNet FID code starts its covariance sum from ones)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.n = 0
         self.mean: torch.Tensor | None = None  # [D]
         self.m2: torch.Tensor | None = None  # [D, D], sum of outer products of deviations from the mean
+        self.kept: list[torch.Tensor] | None = [] if keep else None  # the features themselves (for KID)
 
     def update(self, features: torch.Tensor) -> None:
         """Add a batch of features [B, D]."""
@@ -64,6 +66,8 @@ class MeanCov:
         if len(features) == 0:
             return
         f = features.detach().to(torch.float64)
+        if self.kept is not None:
+            self.kept.append(features.detach().float().cpu())
         mean = f.mean(0)
         centred = f - mean
         self.merge(len(f), mean, centred.T @ centred)
@@ -82,6 +86,12 @@ class MeanCov:
         self.mean += delta * (n / total)
         self.m2 += m2.to(self.m2) + torch.outer(delta, delta) * (self.n * n / total)
         self.n = total
+
+    def features(self) -> np.ndarray:
+        """The features added so far [N, D] (float32), if kept."""
+        if self.kept is None:
+            raise ValueError("features were not kept (MeanCov(keep=True))")
+        return torch.cat(self.kept).numpy()
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu [D], sigma [D, D]) as float64 numpy arrays; sigma is the unbiased covariance, as EDM's."""
@@ -106,7 +116,7 @@ def inception_extractor(device: torch.device | str) -> Callable[[torch.Tensor], 
         model = cleanfid.features.build_feature_extractor("legacy_tensorflow", device=device, use_dataparallel=False)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         # clean-fid downloads without a temporary file: an interrupted download leaves a truncated file behind
-        raise RuntimeError(f"clean-fid could not load its Inception-v3 ({type(e).__name__}: {e}). Put "
+        raise FileNotFoundError(f"clean-fid could not load its Inception-v3 ({type(e).__name__}: {e}). Put "
                            f"{cleanfid.downloads_helper.inception_url} at /tmp/inception-2015-12-05.pt (and delete "
                            f"a partial file there, if any)") from e
     return _edm_detector_input(model, device)
@@ -161,6 +171,29 @@ def reference_for(path_or_url: str, extractor: Callable[[torch.Tensor], torch.Te
     return mu, sigma
 
 
+def pickle_setup(teacher: str, data: str, ref: str | None, resolution: int, label_dim: int, device: torch.device,
+                 timings: dict) -> dict:
+    """An EDM pickle's teacher (checked against the data), the dataset (EDM's format; labels if it has them) and,
+    with `ref`, Inception features and the reference statistics, checked to match now rather than at the first
+    evaluation hours later."""
+    import time
+
+    from support.data import ImageDataset
+    from support.edm import check_teacher, edm_teacher
+
+    t = time.time()
+    net, images = edm_teacher(teacher), ImageDataset(data, resolution=resolution, use_labels=None)
+    check_teacher(net, resolution, images.num_channels, label_dim, images.num_classes)
+    timings["teacher_s"] = round(time.time() - t, 1)
+    extractor = stats = None
+    if ref:
+        inception = inception_extractor(device)
+        extractor = lambda im: ({"inception": inception(im)}, None)  # noqa: E731
+        stats = reference_for(ref, inception, images.num_channels, resolution, device)
+    return dict(teacher=net.eval().to(device), real=images, channels=images.num_channels, extractor=extractor,
+                ref=stats, label_dim=label_dim)
+
+
 def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, by clean-fid's
     `frechet_distance` (EDM's fid.py computes the same; clean-fid also guards against a singular product)."""
@@ -175,36 +208,65 @@ def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, si
     return float(frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
+def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """(mean, standard deviation) of the kernel inception distance (Binkowski et al. 2018) over `subsets` random
+    subsets of min(subset_size, N1, N2) samples of each set: the unbiased MMD^2 with the cubic polynomial kernel,
+    per subset by clean-fid's `kernel_distance`. Unlike the Frechet distance it has no sample-size bias: two
+    samples of one distribution score 0 on average, at any size. The subsets are drawn from `seed`."""
+    from cleanfid.fid import kernel_distance
+
+    feats1, feats2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    if feats1.ndim != 2 or feats2.ndim != 2 or feats1.shape[1] != feats2.shape[1] or min(len(feats1), len(feats2)) < 2:
+        raise ValueError(f"KID needs two sets of >= 2 feature vectors of one dimension, got {feats1.shape} and "
+                         f"{feats2.shape}")
+    state = np.random.get_state()  # kernel_distance draws its subsets from numpy's global generator
+    try:
+        np.random.seed(seed)
+        values = [kernel_distance(feats1, feats2, num_subsets=1, max_subset_size=subset_size) for _ in range(subsets)]
+    finally:
+        np.random.set_state(state)
+    return float(np.mean(values)), float(np.std(values))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Statistics of generated samples.
 
 
 @torch.no_grad()
 def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label_dim: int, extractor, seed: int,
-                    device, rank: int = 0, world: int = 1) -> tuple[MeanCov, float]:
+                    device, rank: int = 0, world: int = 1, keep: bool = False) -> tuple[MeanCov | dict, float]:
     """Feature statistics of n generated samples (split over ranks) and, when the extractor also returns
     logits, their accuracy against the labels asked for. sample_fn(z, labels) -> images in [-1, 1], which are
-    quantised as saved PNGs would be (`images_to_uint8`) before feature extraction."""
-    stats, correct, gen = MeanCov(), torch.zeros((), device=device), torch.Generator(device)
+    quantised as saved PNGs would be (`images_to_uint8`) before feature extraction. extractor(images) ->
+    (features, logits or None); features a [B, D] tensor, or a dict of them (one per feature space), and the
+    statistics are then a dict of `MeanCov` too. `keep`: also keep the features (on every rank; for KID).
+    label_dim 0: unconditional (labels are all 0, accuracy 0)."""
+    stats, correct, gen = None, torch.zeros((), device=device), torch.Generator(device)
     per_rank = math.ceil(n / world)
     count = min(per_rank, n - rank * per_rank)
     gen.manual_seed(seed * 1000 + rank)
     for i in range(0, count, batch):
         b = min(batch, count - i)
-        labels = torch.randint(0, label_dim, (b,), generator=gen, device=device)
+        labels = torch.randint(0, max(label_dim, 1), (b,), generator=gen, device=device)
         images = images_to_uint8(sample_fn(torch.randn(b, *shape, generator=gen, device=device), labels).float())
         feats, logits = extractor(images)
-        stats.update(feats)
+        feats = feats if isinstance(feats, dict) else {"": feats}
+        stats = stats or {k: MeanCov(keep) for k in feats}
+        for k, f in feats.items():
+            stats[k].update(f)
         if logits is not None:
             correct += (logits.argmax(1) == labels).sum()
-    if dist.is_initialized():  # merge every rank's (n, mean, m2)
-        parts = [None] * world
-        dist.all_gather_object(parts, (stats.n, stats.mean.cpu(), stats.m2.cpu()))
-        stats = MeanCov()
-        for part in parts:
-            stats.merge(*part)
+    if dist.is_initialized():  # merge every rank's (n, mean, m2) (and features)
+        for k in stats:
+            parts = [None] * world
+            dist.all_gather_object(parts, (stats[k].n, stats[k].mean.cpu(), stats[k].m2.cpu(), stats[k].kept))
+            stats[k] = MeanCov(keep)
+            for n_, mean, m2, kept in parts:
+                stats[k].merge(n_, mean, m2)
+                stats[k].kept = stats[k].kept + kept if keep else None
         dist.all_reduce(correct)
-    return stats, correct.item() / n
+    return (stats[""] if "" in stats else stats), correct.item() / n
 
 
 

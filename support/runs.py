@@ -299,6 +299,24 @@ def resumed_config(cls: type, saved: dict, step: int, given: dict, fixed: tuple[
     return config_from(cls, saved | given)
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+    """ema <- beta ema + (1 - beta) model, parameter by parameter."""
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(p, 1 - beta)
+
+
+def warmup_cosine(warmup: int, decay_iters: int, final: float):
+    """Learning-rate factor at iteration i (for LambdaLR): linear warm-up over `warmup` iterations, then a cosine
+    decay to `final` (a fraction of the peak) at `decay_iters`; final = 1: constant."""
+    def f(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        p = min((i - warmup) / max(decay_iters - warmup, 1), 1)
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
 def require(ok: bool, message: str) -> None:
     """A ValueError with `message` unless `ok`: one line per check in a script's validation."""
     if not ok:

@@ -1,9 +1,9 @@
 """support/edm.py: EDM network pickles in EDM's persistence format, loaded without the EDM repository, and the
 bottleneck of EDM's UNets for the GAN head.
 
-The pickles are written here by the tests' own implementation of the writing half of EDM's
-torch_utils/persistence.py, around a tiny network source that imports torch_utils exactly as EDM's
-training/networks.py does."""
+The pickles are written by the tests' own implementation of the writing half of EDM's torch_utils/persistence.py
+(tests/edm_pickles.py), around network sources that import torch_utils exactly as EDM's training/networks.py does:
+a tiny stand-in, and EDM's network classes rewritten (DhariwalUNet, SongUNet DDPM++ / NCSN++, EDMPrecond)."""
 
 from __future__ import annotations
 
@@ -16,243 +16,21 @@ import os
 import pickle
 import sys
 import threading
-import types
 
+import edm_pickles
 import pytest
 import torch
+from edm_pickles import NO_TORCH_UTILS, STYLEGAN_LIKE_SRC, TINY_NETWORKS_SRC, EDMPersistence, sys_modules, tiny_edm_net
 
 import dmd2
-from support.edm import EDMPickleError, edm_encoder_output_module, load_edm_network
-
-# ----------------------------------------------------------------------------------------------------
-# Writing pickles in EDM's persistence format
-
-TINY_NETWORKS_SRC = '''
-"""A tiny stand-in for EDM's training/networks.py: EDMPrecond around a two-level UNet with DhariwalUNet's
-layout (blocks in model.enc / model.dec ModuleDicts) and the same imports from torch_utils."""
-
-import numpy as np
-import torch
-from torch_utils import persistence
-from torch.nn.functional import silu
-
-
-def weight_init(shape, fan_in):
-    return torch.randn(*shape) / np.sqrt(fan_in)
-
-
-@persistence.persistent_class
-class Conv2d(torch.nn.Module):
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, 3, 3], 9 * in_channels))
-        self.bias = torch.nn.Parameter(0.1 * torch.randn(out_channels))
-
-    def forward(self, x):
-        return torch.nn.functional.conv2d(x, self.weight, self.bias, padding=1)
-
-
-@persistence.persistent_class
-class UNetBlock(torch.nn.Module):
-    def __init__(self, in_channels, out_channels, emb_channels, down=False, up=False):
-        super().__init__()
-        self.in_channels, self.out_channels, self.down, self.up = in_channels, out_channels, down, up
-        self.conv = Conv2d(in_channels, out_channels)
-        self.affine = torch.nn.Linear(emb_channels, out_channels)
-        self.register_buffer("scale", torch.full([out_channels, 1, 1], 0.9))
-
-    def forward(self, x, emb):
-        if self.down:
-            x = torch.nn.functional.avg_pool2d(x, 2)
-        if self.up:
-            x = torch.nn.functional.interpolate(x, scale_factor=2.0)
-        return silu(self.scale * self.conv(x) + self.affine(emb)[:, :, None, None])
-
-
-@persistence.persistent_class
-class DhariwalUNet(torch.nn.Module):
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=8, dropout=0.1):
-        super().__init__()
-        c, e, r, h = model_channels, 4 * model_channels, img_resolution, img_resolution // 2
-        self.dropout = dropout
-        self.map_noise = torch.nn.Linear(1, e)
-        self.map_label = torch.nn.Linear(label_dim, e, bias=False) if label_dim else None
-        self.enc = torch.nn.ModuleDict()
-        self.enc[f"{r}x{r}_conv"] = Conv2d(in_channels, c)
-        self.enc[f"{h}x{h}_down"] = UNetBlock(c, c, e, down=True)
-        self.enc[f"{h}x{h}_block0"] = UNetBlock(c, 2 * c, e)
-        self.dec = torch.nn.ModuleDict()
-        self.dec[f"{h}x{h}_in0"] = UNetBlock(2 * c, 2 * c, e)
-        self.dec[f"{r}x{r}_up"] = UNetBlock(2 * c, c, e, up=True)
-        self.out_conv = Conv2d(c, out_channels)
-
-    def embedding(self, noise_labels, class_labels):
-        emb = self.map_noise(noise_labels[:, None])
-        if self.map_label is not None:
-            emb = emb + self.map_label(class_labels)
-        return silu(emb)
-
-    def forward(self, x, noise_labels, class_labels):
-        emb = self.embedding(noise_labels, class_labels)
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-        x = torch.nn.functional.dropout(x, p=self.dropout, training=self.training)
-        for block in self.dec.values():
-            x = block(x, emb)
-        return self.out_conv(x)
-
-
-@persistence.persistent_class
-class EDMPrecond(torch.nn.Module):
-    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, model_type="DhariwalUNet",
-                 **model_kwargs):
-        super().__init__()
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.sigma_data = sigma_data
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                           out_channels=img_channels, label_dim=label_dim, **model_kwargs)
-
-    def forward(self, x, sigma, class_labels=None):
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        return c_skip * x + c_out * self.model(c_in * x, (sigma.log() / 4).flatten(), class_labels)
-
-
-@persistence.persistent_class
-class EDMLoss:
-    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
-        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-'''
-
-STYLEGAN_LIKE_SRC = '''
-import torch
-from torch_utils import persistence
-from torch_utils.ops import bias_act
-
-
-@persistence.persistent_class
-class MappingNetwork(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(2, 2)
-
-    def forward(self, z):
-        return bias_act.bias_act(self.fc(z))
-'''
-
-_ABSENT = object()
-
-
-@contextlib.contextmanager
-def sys_modules(entries: dict):
-    """Set (or, with None, block the import of) some sys.modules entries, restoring exactly those after."""
-    saved = {name: sys.modules.get(name, _ABSENT) for name in entries}
-    sys.modules.update(entries)
-    try:
-        yield
-    finally:
-        for name, module in saved.items():
-            if module is _ABSENT:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
-NO_TORCH_UTILS = {"torch_utils": None, "torch_utils.persistence": None, "torch_utils.misc": None,
-                  "dnnlib": None, "dnnlib.util": None}  # None in sys.modules: `import` raises ImportError
-
-
-class EDMPersistence:
-    """The writing half of EDM's torch_utils.persistence (read from NVlabs/edm), reimplemented for the tests.
-
-    `persistent_class` subclasses a class so that its instances reduce to `_reconstruct_persistent_obj(meta)`,
-    meta = dict(type='class', version=6, module_src=<module source>, class_name=..., state=<reduced state>),
-    and records the constructor arguments as `_init_args` / `_init_kwargs`. `modules()` are the sys.modules
-    entries under which pickle finds the reconstruct function as torch_utils.persistence's, and which make this
-    object the importable, "real" torch_utils.
-    """
-
-    def __init__(self, drop_from_state: tuple[str, ...] = ()):
-        self.drop_from_state = drop_from_state  # attributes an older torch's modules did not have yet
-        self.sources: dict[str, str] = {}  # module name -> source
-        self.module_of_source: dict[str, types.ModuleType] = {}
-        self.calls: list[str] = []  # class names rebuilt by `reconstruct`
-        self.persistence = types.ModuleType("torch_utils.persistence")
-        self.persistence.persistent_class = self.persistent_class
-        self.persistence._reconstruct_persistent_obj = self.reconstruct_function()
-        self.ops = types.ModuleType("torch_utils.ops")  # what a StyleGAN network source needs besides
-        self.ops.bias_act = types.SimpleNamespace(bias_act=torch.relu)
-        self.package = types.ModuleType("torch_utils")
-        self.package.persistence, self.package.ops = self.persistence, self.ops
-        self.package.__path__ = []  # a package, so that `import torch_utils.ops` works
-        self.dnnlib_util = types.ModuleType("dnnlib.util")
-        self.dnnlib_util.EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
-        self.dnnlib = types.ModuleType("dnnlib")
-        self.dnnlib.util = self.dnnlib_util
-
-    def modules(self) -> dict:
-        return {"torch_utils": self.package, "torch_utils.persistence": self.persistence,
-                "torch_utils.ops": self.ops, "dnnlib": self.dnnlib, "dnnlib.util": self.dnnlib_util}
-
-    def reconstruct_function(self):
-        def _reconstruct_persistent_obj(meta):
-            self.calls.append(meta["class_name"])
-            cls = self.module_of_source[meta["module_src"]].__dict__[meta["class_name"]]
-            obj = cls.__new__(cls)
-            if hasattr(obj, "__setstate__"):
-                obj.__setstate__(meta["state"])
-            else:
-                obj.__dict__.update(meta["state"])
-            return obj
-
-        _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-        _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-        return _reconstruct_persistent_obj
-
-    def persistent_class(self, orig: type) -> type:
-        src, rebuild = self.sources[orig.__module__], self.persistence._reconstruct_persistent_obj
-        drop = self.drop_from_state
-
-        class Persistent(orig):
-            def __init__(obj, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                obj._init_args, obj._init_kwargs = copy.deepcopy(args), copy.deepcopy(kwargs)
-
-            def __reduce__(obj):  # (callable, args, state, ...) with the state moved into meta
-                reduced = list(super().__reduce__())
-                reduced += [None] * (3 - len(reduced))
-                if reduced[0] is not rebuild:
-                    state = {k: v for k, v in reduced[2].items() if k not in drop}
-                    meta = dict(type="class", version=6, module_src=src, class_name=orig.__name__, state=state)
-                    reduced[:3] = [rebuild, (meta,), None]
-                return tuple(reduced)
-
-        Persistent.__name__ = Persistent.__qualname__ = orig.__name__
-        Persistent.__module__ = orig.__module__
-        return Persistent
-
-    def load_source(self, name: str, src: str) -> types.ModuleType:
-        module = types.ModuleType(name)
-        self.sources[name], self.module_of_source[src] = src, module
-        with sys_modules({**self.modules(), name: module}):
-            exec(src, module.__dict__)
-        return module
-
-    def dumps(self, obj: object) -> bytes:
-        with sys_modules(self.modules()):
-            return pickle.dumps(obj)
-
-
-def tiny_edm_net(writer: EDMPersistence, seed: int = 0):
-    torch.manual_seed(seed)
-    module = writer.load_source(f"tiny_edm_networks_{seed}", TINY_NETWORKS_SRC)
-    net = module.EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, model_channels=8)
-    # As EDM's training loop snapshots it: a copy in eval mode without gradients, on the CPU
-    return module, copy.deepcopy(net).eval().requires_grad_(False)
+from support.edm import (
+    EDMDenoiser,
+    EDMPickleError,
+    edm_encoder_output_module,
+    edm_teacher,
+    fuse_attention,
+    load_edm_network,
+)
 
 
 @pytest.fixture(scope="module")
@@ -523,3 +301,73 @@ def test_download_failure_is_clear(tmp_path):
             load_edm_network(f"{url}/missing.pkl", cache_dir=str(tmp_path / "cache"))
     assert not any(tmp_path.joinpath("cache").iterdir()), "no partial file left behind"
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pickles of EDM's own architectures (tests/edm_pickles.py: EDM's networks.py rewritten), tiny
+
+# (config, label_dim, resolution, the bottleneck block's name)
+EDM_NETWORKS = [("adm", 10, 8, "4x4_block0"), ("ddpmpp", 10, 8, "4x4_block0"), ("ncsnpp", 10, 16, "8x8_block0"),
+                ("adm", 0, 8, "4x4_block0"), ("ncsnpp", 0, 8, "4x4_block0"), ("skip", 0, 8, "4x4_block1")]
+
+
+@pytest.fixture(scope="module", params=EDM_NETWORKS, ids=lambda p: f"{p[0]}-{p[1]}classes-{p[2]}px")
+def edm_network(request, tmp_path_factory):
+    """(path, the pickled network, label_dim, resolution, bottleneck block name)."""
+    config, label_dim, res, bottleneck = request.param
+    model_type, kw = edm_pickles.EDM_CONFIGS[config]
+    path = tmp_path_factory.mktemp("edm") / f"{config}-{label_dim}.pkl"
+    net = edm_pickles.edm_pickle(path, model_type, label_dim, res, 3, seed=len(request.node.name), **kw)
+    return str(path), net, label_dim, res, bottleneck
+
+
+def _edm_inputs(label_dim: int, res: int, batch: int = 3):
+    g = torch.Generator().manual_seed(2)
+    x, sigma = torch.randn(batch, 3, res, res, generator=g), torch.exp(torch.randn(batch, generator=g) - 0.5)
+    labels = torch.randint(0, max(label_dim, 1), (batch,), generator=g)
+    return x, sigma, labels, (torch.eye(label_dim)[labels] if label_dim else None)
+
+
+def test_edm_architectures_load_and_compute_as_pickled(edm_network):
+    path, net, label_dim, res, _ = edm_network
+    loaded = load_without_torch_utils(path)
+    assert type(loaded).__name__ == "EDMPrecond" and type(loaded.model) is not type(net.model)
+    x, sigma, _, onehot = _edm_inputs(label_dim, res)
+    assert fuse_attention(loaded, False) > 0  # EDM's own attention (the class may be fused by an earlier test)
+    try:
+        assert torch.equal(loaded(x, sigma, onehot), net(x, sigma, onehot))
+    finally:
+        fuse_attention(loaded)
+    torch.testing.assert_close(loaded(x, sigma, onehot), net(x, sigma, onehot), rtol=1e-5, atol=1e-5)
+    assert loaded.label_dim == label_dim and loaded.use_fp16 is False
+
+
+def test_edm_architectures_bottleneck_is_the_last_encoder_block(edm_network):
+    path, net, label_dim, res, bottleneck = edm_network
+    loaded = load_without_torch_utils(path)
+    assert edm_encoder_output_module(loaded) is loaded.model.enc[bottleneck]
+    assert "aux" not in list(loaded.model.enc)[-1]
+    x, sigma, _, onehot = _edm_inputs(label_dim, res)
+    features, decoder_blocks_run = _stop_at(loaded.model.enc[bottleneck], loaded, x, sigma, onehot)
+    assert decoder_blocks_run == 0
+    seen = []  # the block's output in a full forward of the pickled network
+    handle = net.model.enc[bottleneck].register_forward_hook(lambda m, a, out: seen.append(out))
+    net(x, sigma, onehot)
+    handle.remove()
+    torch.testing.assert_close(features, seen[0], rtol=1e-5, atol=1e-5)  # fused attention, if an earlier test set it
+
+
+def test_edm_architectures_as_teacher_and_denoiser(edm_network):
+    path, net, label_dim, res, bottleneck = edm_network
+    teacher = edm_teacher(path)
+    assert teacher.label_dim == label_dim and teacher.img_resolution == res
+    sch = dmd2.EDMSchedule()
+    x, _, labels, onehot = _edm_inputs(label_dim, res)
+    t = torch.tensor([0, 500, 999])
+    den = EDMDenoiser(teacher, sch, label_dim)  # label_dim 0: the network gets class_labels None
+    torch.testing.assert_close(den(x, t, labels), net(x, sch.sigma(t), onehot), rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = net.model.enc[bottleneck].register_forward_hook(lambda m, a, out: seen.append(out))
+    net(x, sch.sigma(t), onehot)
+    handle.remove()
+    torch.testing.assert_close(den.features(x, t, labels), seen[0], rtol=1e-5, atol=1e-5)

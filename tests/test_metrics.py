@@ -222,7 +222,7 @@ def test_inception_extractor_download_failure_is_clear(monkeypatch):
     import cleanfid.inception_torchscript
 
     monkeypatch.setattr(cleanfid.inception_torchscript, "check_download_inception", offline)
-    with pytest.raises(RuntimeError, match="could not load its Inception-v3.*inception-2015-12-05.pt"):
+    with pytest.raises(FileNotFoundError, match="could not load its Inception-v3.*inception-2015-12-05.pt"):
         inception_extractor("cpu")
 
 
@@ -260,3 +260,41 @@ def test_features_are_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = extract(images)
     assert torch.equal(under_autocast, extract(images)) and under_autocast.dtype == torch.float32
+
+
+def unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """MMD^2 with k(a, b) = (a.b / d + 1)^3, the unbiased estimator of Binkowski et al. (2018), written out."""
+    d, m, n = x.shape[1], len(x), len(y)
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+@given(st.integers(3, 40), st.integers(1, 6), st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_kid_is_the_unbiased_polynomial_mmd(n, d, seed):
+    """Subsets as large as both sets are the whole sets: every subset gives the same exact value, spread 0."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((n, d)), rng.standard_normal((n, d)) + 0.5
+    mean, std = ti.kid(x, y, subsets=5, subset_size=n)
+    assert mean == pytest.approx(unbiased_mmd2(x, y), rel=1e-9, abs=1e-12) and std == pytest.approx(0, abs=1e-9)
+
+
+def test_kid_has_no_sample_size_bias_and_reports_its_spread():
+    """Two samples of one distribution: KID averages 0 at any size, where the Frechet distance is biased
+    upwards the more the fewer samples; a shifted distribution scores clearly above its spread."""
+    rng = np.random.default_rng(0)
+    same = [ti.kid(rng.standard_normal((200, 8)), rng.standard_normal((200, 8)), subsets=20, subset_size=100)
+            for _ in range(20)]
+    means = np.array([m for m, _ in same])
+    assert abs(means.mean()) < 3 * means.std() / np.sqrt(len(means)) and all(s > 0 for _, s in same)
+    shifted, spread = ti.kid(rng.standard_normal((200, 8)), rng.standard_normal((200, 8)) + 1.0, subsets=20,
+                             subset_size=100)
+    assert shifted > 10 * spread
+    x, y = rng.standard_normal((50, 4)), rng.standard_normal((50, 4))
+    state = np.random.get_state()[1].copy()
+    assert ti.kid(x, y, subsets=5, subset_size=20, seed=3) == ti.kid(x, y, subsets=5, subset_size=20, seed=3)
+    assert ti.kid(x, y, subsets=5, subset_size=20, seed=3) != ti.kid(x, y, subsets=5, subset_size=20, seed=4)
+    assert (np.random.get_state()[1] == state).all(), "numpy's global generator is left as it was"
+    with pytest.raises(ValueError, match="KID needs"):
+        ti.kid(np.ones((5, 2)), np.ones((5, 3)))

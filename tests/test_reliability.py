@@ -149,7 +149,8 @@ def test_bad_input_to_sample_py(tiny_run, tmp_path, capsys):
 def test_cached_teacher_is_never_overwritten(run_copy, capsys):
     teacher = run_copy / "teacher.pt"
     before = teacher.read_bytes()
-    expect_error(ti.main, ["--out", str(run_copy), *TINY, "--teacher-iters", "7"], capsys, "teacher trained with")
+    expect_error(ti.main, ["--out", str(run_copy), *TINY, "--teacher-iters", "7"], capsys,
+                 "cached teacher (teacher.pt) made with")
     assert teacher.read_bytes() == before
 
 

@@ -35,9 +35,12 @@ def test_default_run_writes_everything(tiny_run):
     assert [r["it"] for r in rows] == [4, 8, 12]
     assert {"loss_dmd", "loss_fake", "loss_gan_g", "loss_gan_d", "brightness", "lr"} <= set(rows[0])
     saved = json.load(open(os.path.join(run, "metrics.json")))
-    assert set(saved["teacher"]) == {"1", "2", "4", "8", "35"} and saved["teacher"]["35"]["nfe"] == 35
-    assert saved["teacher"]["4"]["nfe"] in (3, 4) and saved["teacher"]["1"]["sampler"] == "euler"
+    assert set(saved["teacher"]) == {"4", "8", "35"} and saved["teacher"]["35"] | {} == saved["teacher"]["35"]
+    assert saved["teacher"]["35"]["nfe"] == 35 and saved["teacher"]["35"]["sampler"] == "heun"
+    assert saved["teacher"]["4"]["nfe"] in (3, 4) and saved["student"]["nfe"] == 1
     assert 0 <= saved["student"]["accuracy"] <= 1 and saved["student"]["fd"] > 0 and saved["real_vs_real"]["fd"] >= 0
+    for entry in (saved["student"], saved["teacher"]["8"], saved["real_vs_real"]):  # KID and its spread everywhere
+        assert entry["space"] == "classifier" and entry["kid_std"] > 0 and abs(entry["kid"]) < 1e6
     assert {"data_s", "teacher_s", "classifier_s", "distill_s", "eval_s", "total_s"} <= set(saved["timings"])
     ck = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
     assert ck["kind"] == "class-conditional" and ck["step"] == 12
@@ -78,21 +81,82 @@ def test_ablation_writes_the_table_and_leaves_the_run_alone(tiny_run, tmp_path):
     assert open(os.path.join(run, "ablation.md")).read() == table
     assert os.path.isfile(os.path.join(run, "ablation_brightness.png"))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
-    assert [r[0] for r in rows[:4]] == list(ti.ABLATION)
-    assert all(float(r[1]) > 0 and 0 <= float(r[2]) <= 1 and float(r[3]) >= 0 for r in rows[:4])
-    assert rows[4][0].startswith("teacher, 4 NFE") and rows[5][0].startswith("teacher, 35 NFE")
-    assert rows[6][0] == "real vs real (floor)"
+    assert [r[0] for r in rows[:6]] == list(ti.ABLATION) and [r[1] for r in rows[:6]] == ["1"] * 4 + ["4"] * 2
+    assert all(float(r[2]) > 0 and 0 <= float(r[4]) <= 1 and float(r[5]) >= 0 for r in rows[:6])
+    assert rows[6][0] == "teacher (heun)" and rows[6][1] == "3" and rows[7][1] == "35"
+    assert rows[8][0] == "real vs real (floor)" and "±" in rows[8][3]
     for name, over in ti.ABLATION.items():  # each variant trained with its own settings, from the same teacher
-        slug = name.split(" (")[0].replace(" + ", "_").replace(" ", "_").lower()
-        cfg = ti.edm.read_checkpoint(os.path.join(run, "ablation", slug))["config"]
+        slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(" ", "_").lower()
+        cfg = ti.edm.read_checkpoint(os.path.join(run, "ablation", slug + "_seed0"))["config"]
         assert all(cfg[k] == v for k, v in over.items()) and cfg["iters"] == 12
 
 
-def test_resume_is_exact(tmp_path):
+def test_ablation_over_seeds_reports_mean_and_spread(tiny_run, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run[0], run)
+    table = ti.main(["--out", run, "--ablation", "table4", "--seeds", "2", *TINY, "--iters", "6"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert [r[0] for r in rows[:2]] == ["4 steps, backward simulation", "4 steps, no backward simulation"]
+    for r, slug in zip(rows[:2], ["4_steps_backward_simulation", "4_steps_no_backward_simulation"], strict=True):
+        fds = [json.load(open(os.path.join(run, "ablation", f"{slug}_seed{s}", "metrics.json")))["student"]["fd"]
+               for s in (0, 1)]
+        assert fds[0] != fds[1], "the seeds differ"
+        assert r[2] == f"{np.mean(fds):.2f} ± {np.std(fds, ddof=1):.2f}"
+    with pytest.raises(SystemExit):
+        ti.main(["--out", run, "--seeds", "2", *TINY])
+    assert "--seeds N (>= 1) goes with --ablation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_multi_step_student(tmp_path, monkeypatch, capsys, backward):
+    """--steps 4: the generator's inputs come from backward simulation with one k per batch drawn from its own
+    generator (or, without it, real images noised to the student's timesteps); evaluation and sample.py sample
+    at the run's four timesteps; the student is reported at 4 NFE."""
+    calls, samples = [], []
+    simulate, draw = dmd2.backward_simulation, dmd2.sample
+    monkeypatch.setattr(dmd2, "backward_simulation", lambda *a, **k: calls.append(a[3:5]) or simulate(*a, **k))
+    monkeypatch.setattr(dmd2, "sample", lambda G, z, sch, ts, *a, **k: samples.append(list(ts)) or draw(G, z, sch, ts,
+                                                                                                       *a, **k))
+    inputs = []
+    step = dmd2.train_iteration
+    monkeypatch.setattr(dmd2, "train_iteration", lambda *a, **k: inputs.append((a[9].tolist(), len(calls))) or
+                        step(*a, **k))
+    run = str(tmp_path / "run")
+    flags = ["--steps", "4"] + ([] if backward else ["--no-backward-simulation"])
+    metrics = ti.main(["--out", run, *TINY, *flags])
+    assert metrics["student"]["nfe"] == 4 and metrics["student"]["fd"] > 0
+    assert len(inputs) == 12
+    if backward:  # one backward simulation per iteration, before it; its t_k is the generator's timestep
+        assert [n for _, n in inputs] == list(range(1, 13))
+        ks = [calls[n - 1][1] for _, n in inputs]
+        assert all(c[0] == [999, 749, 499, 249] for c in calls[:12])
+        assert set(ks) <= {0, 1, 2, 3} and len(set(ks)) > 1, "one k per iteration, varying"
+        assert all(set(t) == {[999, 749, 499, 249][k]} for (t, _), k in zip(inputs, ks, strict=True))
+    else:
+        assert all(n == 0 for _, n in inputs), "no backward simulation during training"
+        ts = [v for t, _ in inputs for v in t]
+        assert set(ts) <= {999, 749, 499, 249} and len(set(ts)) > 1, "real images noised to the student's steps"
+    assert samples and all(ts == [999, 749, 499, 249] for ts in samples), "evaluated at the run's timesteps"
+    samples.clear()
+    sample.main([run, "--n", "2", "--out", str(tmp_path / "g.png")])
+    assert samples and all(ts == [999, 749, 499, 249] for ts in samples), "sample.py uses the run's steps"
+    cfg = ti.edm.read_checkpoint(run)["config"]
+    assert cfg["steps"] == 4 and cfg["backward_simulation"] is backward
+    with pytest.raises(SystemExit):
+        ti.main(["--out", run, "--resume", "--steps", "1", "--iters", "20"])
+    assert "cannot change --steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["1", "4"])
+def test_resume_is_exact(tmp_path, steps):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-    args = ["--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3", "--ckpt-every",
-            "3", "--eval-samples", "16", "--warmup", "2", "--channels", "8", "--lr", "1e-3", "--lr-final", "1e-4",
-            "--decay-iters", "10"]
+    args = ["--steps", steps, "--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3",
+            "--ckpt-every", "3", "--eval-samples", "16", "--warmup", "2", "--channels", "8", "--lr", "1e-3",
+            "--lr-final", "1e-4", "--decay-iters", "10"]
     ti.main(["--out", straight, "--iters", "12", *args])
     for f in ("teacher.pt", "classifier.pt"):  # same teacher, without training it twice
         os.makedirs(split, exist_ok=True)
@@ -126,7 +190,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, 
 @pytest.mark.parametrize("argv,message", [
     (["--resolution", "24"], "power of two"),
     (["--teacher", "/nonexistent.pkl", "--data", "x.zip"], "does not exist"),
-    (["--data", "x.zip"], "--data needs --teacher"),
+    (["--data", "x.zip"], "does not exist"),
+    (["--steps", "0"], "--steps"),
     (["--no-such-option"], "unrecognized arguments"),
     (["--ratio", "0"], "must be >= 1"),
     (["--ema", "1.5"], "--ema"),
@@ -215,7 +280,7 @@ def test_no_option_is_a_prefix_of_a_torchrun_option():
 def test_every_parameter_is_trained(channels):
     """Every parameter of G, the fake score and the GAN head receives gradient (DDP requires it)."""
     torch.manual_seed(0)
-    cfg = ti.Config(channels=channels)
+    cfg = ti.Config(channels=channels, resolution=16)
     teacher = ti.edm.small_unet(16, channels, 10)
     with torch.no_grad():
         for p in teacher.parameters():  # away from the zero initialisation of output layers
@@ -253,3 +318,27 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_for_init_from(tmp_path):
              "--gan-g", "0", "--gan-d", "0"])
     start = ti.edm.read_checkpoint(str(two))["G"]
     assert all(torch.equal(start[k], ck["G"][k]) for k in start), "phase 2 starts from best.pt's weights"
+
+
+def test_compile_flag_compiles_the_three_networks_and_keeps_the_results(tiny_run, tmp_path, monkeypatch):
+    """--compile: G, the fake score and the teacher run torch.compiled (here with the eager backend: dynamo's
+    tracing without code generation, seconds instead of minutes) and train to the same weights."""
+    import shutil
+
+    compiled = []
+    real_compile = ti.edm.compile_networks
+
+    def eager(*modules):
+        compiled.extend(type(m).__name__ for m in modules)
+        real_compile(*modules, backend="eager")
+
+    monkeypatch.setattr(ti.edm, "compile_networks", eager)
+    runs = []
+    for flag in ("--no-compile", "--compile"):
+        run = str(tmp_path / flag)
+        shutil.copytree(tiny_run[0], run)
+        ti.main(["--out", run, *TINY, "--iters", "5", flag])
+        runs.append(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True))
+    assert compiled == ["EDMDenoiser", "Critic", "EDMDenoiser"]
+    for key in ("G", "critic"):
+        assert all(torch.allclose(runs[0][key][k], runs[1][key][k], atol=1e-6) for k in runs[0][key]), key

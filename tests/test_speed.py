@@ -1,0 +1,159 @@
+"""Speed paths that must not change results: fused attention in EDM's UNetBlock (support.edm.fuse_attention) and
+in our ADMBlock, torch.compile with the GAN's encoder-only passes, SDPA in the diffusers UNets, and backward
+simulation's k drawn on the host."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from edm_pickles import EDM_CONFIGS, EDM_NETWORKS_SRC, TINY_NETWORKS_SRC, EDMPersistence, edm_pickle, randomize
+
+import dmd2
+from support import edm
+
+
+@pytest.fixture(scope="module")
+def edm_module():
+    """EDM's network classes (tests/edm_pickles.py), in a module of their own: fusing them here touches no other
+    test's classes."""
+    return EDMPersistence().load_source("edm_networks_speed", EDM_NETWORKS_SRC)
+
+
+# EDM's two block configurations: ADM's (adaptive scale, 64 channels per head by default) and DDPM++ / NCSN++'s
+ADM_BLOCK = dict(adaptive_scale=True, skip_scale=1, eps=1e-5)
+SONG_BLOCK = dict(adaptive_scale=False, skip_scale=0.5**0.5, eps=1e-6, resample_proj=True, resample_filter=[1, 3, 3, 1])
+
+
+@pytest.mark.parametrize("kw", [ADM_BLOCK, SONG_BLOCK], ids=["adm", "song"])
+@pytest.mark.parametrize("heads,channels,batch,res,resample", [
+    (1, 16, 1, 4, {}), (2, 16, 3, 8, {}), (4, 32, 2, 4, {"down": True}), (8, 32, 2, 2, {"up": True}),
+    (2, 24, 5, 3, {}),
+])
+def test_fused_unet_block_equals_edm_forward_and_gradients(edm_module, kw, heads, channels, batch, res, resample):
+    torch.manual_seed(heads * 100 + batch)
+    block = edm_module.UNetBlock(channels // 2, channels, 12, attention=True, num_heads=heads, **kw, **resample)
+    randomize(block, seed=0)  # conv1 and proj too, which EDM initialises to zero
+    x, emb = torch.randn(batch, channels // 2, res, res), torch.randn(batch, 12)
+
+    def run():
+        xs, es = x.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+        out = block(xs, es)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float32)).reshape(out.shape))
+        grads = [xs.grad, es.grad] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad()
+        return out.detach(), grads
+
+    assert edm.fuse_attention(block, False) == 1
+    plain, plain_grads = run()
+    assert edm.fuse_attention(block) == 1
+    assert type(block).forward is not type(block)._plain_forward
+    try:
+        fused, fused_grads = run()
+    finally:
+        edm.fuse_attention(block, False)
+    assert type(block).forward is type(block)._plain_forward
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, plain_grads, strict=True):  # to 1e-5 of each gradient's scale (sums over a batch)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("config", ["adm", "ddpmpp", "ncsnpp"])
+def test_fuse_attention_on_loaded_networks_and_their_copies(tmp_path, config):
+    model_type, kw = EDM_CONFIGS[config]
+    net = edm_pickle(tmp_path / "net.pkl", model_type, 10, 8, 3, seed=5, **kw)
+    loaded = edm.load_edm_network(str(tmp_path / "net.pkl"))
+    blocks = [m for m in loaded.modules() if type(m).__name__ == "UNetBlock" and m.num_heads]
+    assert edm.fuse_attention(loaded, False) == len(blocks) > 0
+    assert edm.fuse_attention(loaded) == len(blocks)
+    copied = copy.deepcopy(loaded)  # how G and the fake score are made from the teacher
+    cls = type(blocks[0])
+    assert type(next(m for m in copied.modules() if m.__class__.__name__ == "UNetBlock")) is cls
+    assert cls.forward is edm._sdpa_unet_block_forward
+    g = torch.Generator().manual_seed(0)
+    x, sigma, labels = torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, generator=g) + 0.1, torch.eye(10)[:2]
+    torch.testing.assert_close(copied(x, sigma, labels), net(x, sigma, labels), rtol=1e-5, atol=1e-5)
+    teacher = edm.edm_teacher(str(tmp_path / "net.pkl"))  # fused on loading
+    assert cls.forward is edm._sdpa_unet_block_forward and edm.fuse_attention(teacher) == len(blocks)
+
+
+def test_blocks_of_another_layout_are_left_alone():
+    module = EDMPersistence().load_source("tiny_speed", TINY_NETWORKS_SRC)
+    net = module.EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, model_channels=8)
+    forward = module.UNetBlock.forward
+    assert edm.fuse_attention(net) == 0 and module.UNetBlock.forward is forward
+
+
+@pytest.mark.parametrize("heads_channels,batch,res", [(8, 1, 4), (16, 3, 8), (4, 2, 6)])
+def test_adm_block_einsum_and_sdpa_attention_agree(heads_channels, batch, res):
+    torch.manual_seed(batch)
+    block = edm.ADMBlock(32, 32, 16, attention=True, head_channels=heads_channels)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(batch, 32, res, res), torch.randn(batch, 16)
+    results = []
+    for fused in (False, True):
+        assert edm.fuse_attention(block, fused) == 1 and block.sdpa is fused
+        xs = x.clone().requires_grad_(True)
+        out = block(xs, emb)
+        out.square().sum().backward()
+        results.append((out.detach(), xs.grad, block.qkv.weight.grad.clone()))
+        block.zero_grad()
+    for a, b in zip(*results, strict=True):  # to 1e-5 of each tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+    assert edm.ADMBlock.sdpa is True, "SDPA is the default"
+
+
+def test_compiled_networks_keep_outputs_and_bottleneck():
+    torch.manual_seed(0)
+    sch = dmd2.EDMSchedule()
+    G = edm.EDMDenoiser(edm.small_unet(8, 8, 10, in_channels=1), sch, 10)
+    ref = copy.deepcopy(G)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([3, 7])
+    edm.compile_networks(G, backend="eager")  # dynamo's tracing without code generation: seconds
+    assert G.net._compiled_call_impl is not None
+    torch.testing.assert_close(G(x, t, y), ref(x, t, y))
+    h = G.features(x, t, y)
+    assert h.shape == (2, 32, 2, 2)
+    torch.testing.assert_close(h, ref.features(x, t, y))
+
+
+def test_diffusers_unets_use_sdpa_in_every_mode():
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from support import sd
+
+    def unet():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32)
+
+    full, lora, shared = unet(), unet(), unet()
+    sd.add_lora(lora, "generator", 4, 4.0)  # mode lora: G an adapter on the teacher
+    sd.add_lora(shared, "generator", 4, 4.0)  # mode shared-lora: both adapters on one UNet
+    sd.add_lora(shared, "fake", 4, 4.0)
+    for u in (full, lora, shared):
+        u.enable_gradient_checkpointing(sd.checkpoint_as_run)
+        processors = u.attn_processors
+        assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values()), \
+            {type(p).__name__ for p in processors.values()}
+
+
+def test_backward_simulation_draws_k_on_the_host():
+    calls = []
+
+    def G(x_t, t, cond):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    sch, ts = dmd2.VPSchedule(), [999, 749, 499, 249]
+    for seed in range(8):
+        calls.clear()
+        expected = int(torch.randint(0, 4, (1,), generator=torch.Generator().manual_seed(seed)))
+        _, t = dmd2.backward_simulation(G, torch.randn(2, 3), sch, ts, generator=torch.Generator().manual_seed(99),
+                                        k_generator=torch.Generator().manual_seed(seed))
+        assert len(calls) == expected and int(t[0]) == ts[expected]
