@@ -513,8 +513,6 @@ def edm_teacher(source: str) -> Precond:
     return ours.eval().requires_grad_(False)
 
 
-
-
 @torch.no_grad()
 def edm_sampler(net: nn.Module, z: torch.Tensor, labels: torch.Tensor, label_dim: int, steps: int, heun: bool,
                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -534,8 +532,6 @@ def edm_sampler(net: nn.Module, z: torch.Tensor, labels: torch.Tensor, label_dim
             x_next = x + (t[j + 1] - t[j]) * (d + d2) / 2
         x = x_next
     return x.float()
-
-
 
 
 def check_teacher(net: Precond, resolution: int, channels: int, label_dim: int, data_classes: int) -> None:
