@@ -2,7 +2,8 @@
 
 `python train_imagenet.py --benchmark` runs `benchmark`: on a GPU the paper's size (192 channels, 296M parameters,
 40 images per GPU, bf16 autocast); on a CPU a reduced one (32 channels, batch 4, fp32). It compares EDM's explicit
-attention with F.scaled_dot_product_attention (support.edm.fuse_attention) and, optionally, torch.compile.
+attention with F.scaled_dot_product_attention (support.edm.fuse_attention), the latter also in channels-last
+memory format (support.edm.channels_last) and, optionally, torch.compiled.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ class CallCounter:
 def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, teacher: str | None = None,
               compile: bool = False) -> dict:
     """Time per generator update (1 generator step + its `ratio - 1` critic-only steps) with EDM's explicit
-    attention ("plain": einsum + float32 softmax), with F.scaled_dot_product_attention ("fused"), and, if
-    `compile`, fused with the networks torch.compiled ("fused + compiled"; the compile time is not counted):
+    attention ("plain": einsum + float32 softmax), with F.scaled_dot_product_attention ("fused"), fused with
+    the networks in channels-last memory format ("fused + channels-last"), and, if `compile`, fused with the
+    networks torch.compiled ("fused + compiled"; the compile time is not counted):
     the rows run interleaved, `updates` times each, after one warm-up update each. Also the network calls of
     each kind per update, peak memory, and one-step vs teacher sampling throughput (fused).
 
@@ -62,19 +64,20 @@ def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, 
     schedule = dmd2.EDMSchedule()
     teacher_den = EDMDenoiser(net.requires_grad_(False), schedule, label_dim).eval()
     G, critic = edm.build_students(net, schedule, label_dim, img, px, hp.gan_g > 0 or hp.gan_d > 0, 0, device)
-    g_opt = torch.optim.AdamW(G.parameters(), lr=lr)
-    c_opt = torch.optim.AdamW(critic.parameters(), lr=lr)
+    g_opt = torch.optim.AdamW(G.parameters(), lr=lr, foreach=True)  # as train_imagenet.py
+    c_opt = torch.optim.AdamW(critic.parameters(), lr=lr, foreach=True)
     z, y = torch.randn(b, img, px, px, device=device), torch.randint(0, max(label_dim, 1), (b,), device=device)
     t_in = torch.full((b,), schedule.T - 1, device=device)
     dens = (G, critic.fake, teacher_den)
-    rows = ["plain", "fused"] + (["fused + compiled"] * compile)
+    rows = ["plain", "fused", "fused + channels-last"] + (["fused + compiled"] * compile)
     compiled = {}
     if compile:
         edm.compile_networks(*dens)
         compiled = {id(d.net): d.net._compiled_call_impl for d in dens}
 
-    def configure(row: str) -> int:  # attention kernel and compiled or eager calls of every network
+    def configure(row: str) -> int:  # attention kernel, memory format, compiled or eager calls of every network
         n = sum(edm.fuse_attention(d.net, row != "plain") for d in dens)
+        edm.channels_last(*dens, critic, on=row == "fused + channels-last")
         for d in dens:
             d.net._compiled_call_impl = compiled.get(id(d.net)) if row == "fused + compiled" else None
         return n

@@ -10,6 +10,8 @@
     edm_sampler            EDM's deterministic Euler / Heun sampler (the teacher's baseline)
     load_generator, save_grid
                            the one-step generator of a train_imagenet.py run, and a grid of its samples
+    fuse_attention, compile_networks, channels_last
+                           speed paths that leave results unchanged up to rounding (tests/test_speed.py)
 """
 
 from __future__ import annotations
@@ -748,3 +750,12 @@ def compile_networks(*modules: nn.Module, **compile_kwargs) -> None:
     for m in modules:
         m = m.fake if isinstance(m, Critic) else m
         (m.net if isinstance(m, EDMDenoiser) else m).compile(**compile_kwargs)
+
+
+def channels_last(*modules: nn.Module, on: bool = True) -> None:
+    """Convolution weights in channels-last memory format (NHWC), in place, or back to contiguous (on=False):
+    a convolution with a channels-last weight gives channels-last activations, so the whole network then runs
+    in NHWC. The values, state dict and checkpoints are unchanged; only the kernels differ (measured in
+    support/benchmark.py). An EDMDenoiser or Critic is converted with its network."""
+    for m in modules:
+        m.to(memory_format=torch.channels_last if on else torch.contiguous_format)

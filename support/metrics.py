@@ -269,8 +269,6 @@ def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label
     return (stats[""] if "" in stats else stats), correct.item() / n
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
 # Text-to-image (App. G): clean-fid FID on centre-cropped, resized images (256 px for SD v1.5, Table 5; 512 px for
 # SDXL, Table 2), patch FID on 299 px centre crops of the full-resolution images, CLIP score with OpenCLIP.

@@ -301,9 +301,12 @@ def resumed_config(cls: type, saved: dict, step: int, given: dict, fixed: tuple[
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
-    """ema <- beta ema + (1 - beta) model, parameter by parameter."""
-    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(p, 1 - beta)
+    """ema <- beta ema + (1 - beta) model, all parameters in one fused call."""
+    pe, p = list(ema.parameters()), list(model.parameters())
+    if len(pe) != len(p):
+        raise ValueError(f"EMA has {len(pe)} parameters, the model {len(p)}")
+    with torch.no_grad():
+        torch._foreach_lerp_(pe, p, 1 - beta)
 
 
 def warmup_cosine(warmup: int, decay_iters: int, final: float):
