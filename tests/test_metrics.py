@@ -280,6 +280,24 @@ def test_kid_is_the_unbiased_polynomial_mmd(n, d, seed):
     assert mean == pytest.approx(unbiased_mmd2(x, y), rel=1e-9, abs=1e-12) and std == pytest.approx(0, abs=1e-9)
 
 
+@given(st.integers(2, 30), st.integers(2, 30), st.integers(1, 5), st.integers(2, 40), st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_kid_equals_clean_fids_kernel_distance_subset_by_subset(n1, n2, d, size, seed):
+    """The same subsets as clean-fid's kernel_distance draws from numpy's generator seeded with `seed`, and the
+    same value for each, to rounding (clean-fid computes in numpy; kid in torch)."""
+    from cleanfid.fid import kernel_distance
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((n1, d)) * 3, rng.standard_normal((n2, d)) + 0.5
+    state = np.random.get_state()
+    np.random.seed(seed)
+    expected = [kernel_distance(x, y, num_subsets=1, max_subset_size=size) for _ in range(4)]
+    np.random.set_state(state)
+    mean, std = ti.kid(x, y, subsets=4, subset_size=size, seed=seed)
+    assert mean == pytest.approx(np.mean(expected), rel=1e-9, abs=1e-9)
+    assert std == pytest.approx(np.std(expected), rel=1e-7, abs=1e-9)
+
+
 def test_kid_has_no_sample_size_bias_and_reports_its_spread():
     """Two samples of one distribution: KID averages 0 at any size, where the Frechet distance is biased
     upwards the more the fewer samples; a shifted distribution scores clearly above its spread."""
@@ -298,3 +316,5 @@ def test_kid_has_no_sample_size_bias_and_reports_its_spread():
     assert (np.random.get_state()[1] == state).all(), "numpy's global generator is left as it was"
     with pytest.raises(ValueError, match="KID needs"):
         ti.kid(np.ones((5, 2)), np.ones((5, 3)))
+    with pytest.raises(ValueError, match="KID needs"):
+        ti.kid(np.ones((5, 2)), np.ones((5, 2)), subset_size=1)
