@@ -320,11 +320,22 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_for_init_from(tmp_path):
     assert all(torch.equal(start[k], ck["G"][k]) for k in start), "phase 2 starts from best.pt's weights"
 
 
+def _runs_with(tiny_run, tmp_path, flags: tuple[str, ...]) -> list[dict]:
+    """The tiny run's folder copied once per flag and trained 5 iterations with it: the checkpoints."""
+    import shutil
+
+    out = []
+    for flag in flags:
+        run = str(tmp_path / flag)
+        shutil.copytree(tiny_run[0], run)
+        ti.main(["--out", run, *TINY, "--iters", "5", flag])
+        out.append(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True))
+    return out
+
+
 def test_compile_flag_compiles_the_three_networks_and_keeps_the_results(tiny_run, tmp_path, monkeypatch):
     """--compile: G, the fake score and the teacher run torch.compiled (here with the eager backend: dynamo's
     tracing without code generation, seconds instead of minutes) and train to the same weights."""
-    import shutil
-
     compiled = []
     real_compile = ti.edm.compile_networks
 
@@ -333,12 +344,7 @@ def test_compile_flag_compiles_the_three_networks_and_keeps_the_results(tiny_run
         real_compile(*modules, backend="eager")
 
     monkeypatch.setattr(ti.edm, "compile_networks", eager)
-    runs = []
-    for flag in ("--no-compile", "--compile"):
-        run = str(tmp_path / flag)
-        shutil.copytree(tiny_run[0], run)
-        ti.main(["--out", run, *TINY, "--iters", "5", flag])
-        runs.append(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True))
+    runs = _runs_with(tiny_run, tmp_path, ("--no-compile", "--compile"))
     assert compiled == ["EDMDenoiser", "Critic", "EDMDenoiser"]
     for key in ("G", "critic"):
         assert all(torch.allclose(runs[0][key][k], runs[1][key][k], atol=1e-6) for k in runs[0][key]), key
@@ -347,8 +353,6 @@ def test_compile_flag_compiles_the_three_networks_and_keeps_the_results(tiny_run
 def test_channels_last_flag_converts_the_networks_and_keeps_the_results(tiny_run, tmp_path, monkeypatch):
     """--channels-last: G, the critic and the teacher in NHWC; the checkpoint's weights as without (up to
     rounding) and in the usual layout for sample.py."""
-    import shutil
-
     converted = []
     real = ti.edm.channels_last
 
@@ -357,12 +361,7 @@ def test_channels_last_flag_converts_the_networks_and_keeps_the_results(tiny_run
         real(*modules, on=on)
 
     monkeypatch.setattr(ti.edm, "channels_last", spy)
-    runs = []
-    for flag in ("--no-channels-last", "--channels-last"):
-        run = str(tmp_path / flag)
-        shutil.copytree(tiny_run[0], run)
-        ti.main(["--out", run, *TINY, "--iters", "5", flag])
-        runs.append(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True))
+    runs = _runs_with(tiny_run, tmp_path, ("--no-channels-last", "--channels-last"))
     assert converted == ["EDMDenoiser", "Critic", "EDMDenoiser"]
     for key in ("G", "critic"):
         assert all(torch.allclose(runs[0][key][k], runs[1][key][k], atol=1e-5) for k in runs[0][key]), key
