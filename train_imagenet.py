@@ -78,7 +78,7 @@ class Config:
     channels: int = 16  # small UNet width (0.79M parameters at 16 px)
     workers: int = 4  # data loader workers (image datasets)
     compile: bool = False  # torch.compile G, the fake score and the teacher (minutes of compiling; see README)
-    channels_last: bool = False  # the networks in NHWC memory format (see README: faster or not, by device)
+    channels_last: bool = True  # the networks in NHWC memory format (distillation 12 % faster on a CPU; see README)
     label_dim: int = 10  # classes of an EDM teacher (0: unconditional); a small teacher takes the data's
 
     @classmethod
@@ -125,7 +125,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         edm.channels_last(G, critic, teacher, *[nets.ema] * (nets.ema is not None))
     if cfg.compile:  # after every copy of the networks (build_nets made the EMA's)
         edm.compile_networks(G, critic, teacher)
-    opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True)  # fused on CPU too
+    opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **runs.fused(device))
     g_opt, c_opt = torch.optim.AdamW(G.parameters(), **opt), torch.optim.AdamW(critic.parameters(), **opt)
     # both schedules advance every iteration, the generator's too (the paper counts warm-up in iterations)
     factor = runs.warmup_cosine(cfg.warmup, cfg.decay_iters, cfg.lr_final / cfg.lr if cfg.lr > 0 and
