@@ -78,7 +78,7 @@ class Config:
     channels: int = 16  # small UNet width (0.79M parameters at 16 px)
     workers: int = 4  # data loader workers (image datasets)
     compile: bool = False  # torch.compile G, the fake score and the teacher (minutes of compiling; see README)
-    channels_last: bool = True  # the networks in NHWC memory format (distillation 12 % faster on a CPU; see README)
+    channels_last: bool = False  # the networks in NHWC memory format (see README: faster or not, by device)
     label_dim: int = 10  # classes of an EDM teacher (0: unconditional); a small teacher takes the data's
 
     @classmethod
