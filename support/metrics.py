@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from support.edm import local_file
+from support.edm_pickle import local_file
 
 # ----------------------------------------------------------------------------------------------------
 # FID comparable with EDM's: DMD2 reports ImageNet-64 FID of 50,000 samples "using EDM's evaluation code"

@@ -1,5 +1,5 @@
-"""support/edm.py: EDM network pickles in EDM's persistence format, loaded without the EDM repository, and the
-bottleneck of EDM's UNets for the GAN head.
+"""support/edm_pickle.py and support/edm.py: EDM network pickles in EDM's persistence format, loaded without the
+EDM repository, and the bottleneck of EDM's UNets for the GAN head.
 
 The pickles are written by the tests' own implementation of the writing half of EDM's torch_utils/persistence.py
 (tests/edm_pickles.py), around network sources that import torch_utils exactly as EDM's training/networks.py does:
