@@ -125,7 +125,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         edm.channels_last(G, critic, teacher, *[nets.ema] * (nets.ema is not None))
     if cfg.compile:  # after every copy of the networks (build_nets made the EMA's)
         edm.compile_networks(G, critic, teacher)
-    opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **runs.fused(device))
+    opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True)
     g_opt, c_opt = torch.optim.AdamW(G.parameters(), **opt), torch.optim.AdamW(critic.parameters(), **opt)
     # both schedules advance every iteration, the generator's too (the paper counts warm-up in iterations)
     factor = runs.warmup_cosine(cfg.warmup, cfg.decay_iters, cfg.lr_final / cfg.lr if cfg.lr > 0 and
@@ -326,7 +326,8 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
             return periodic[step]
 
         t = time.time()
-        nets = distill(cfg, s["teacher"], stream, s["channels"], device, rank, world, resume, evaluate_at)
+        periodic_eval = evaluate_at if s["extractor"] is not None else None  # no --ref: nothing to score
+        nets = distill(cfg, s["teacher"], stream, s["channels"], device, rank, world, resume, periodic_eval)
         timings["distill_s"] = round(time.time() - t, 1)
     else:
         ck = edm.read_checkpoint(cfg.out, device)

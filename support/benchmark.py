@@ -18,7 +18,7 @@ import torch
 import dmd2
 from support import edm
 from support.edm import EDMDenoiser
-from support.runs import autocast, fused, is_main
+from support.runs import autocast, is_main
 
 
 class CallCounter:
@@ -64,8 +64,8 @@ def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, 
     schedule = dmd2.EDMSchedule()
     teacher_den = EDMDenoiser(net.requires_grad_(False), schedule, label_dim).eval()
     G, critic = edm.build_students(net, schedule, label_dim, img, px, hp.gan_g > 0 or hp.gan_d > 0, 0, device)
-    g_opt = torch.optim.AdamW(G.parameters(), lr=lr, **fused(device))  # as train_imagenet.py
-    c_opt = torch.optim.AdamW(critic.parameters(), lr=lr, **fused(device))
+    g_opt = torch.optim.AdamW(G.parameters(), lr=lr, foreach=True)  # as train_imagenet.py
+    c_opt = torch.optim.AdamW(critic.parameters(), lr=lr, foreach=True)
     z, y = torch.randn(b, img, px, px, device=device), torch.randint(0, max(label_dim, 1), (b,), device=device)
     t_in = torch.full((b,), schedule.T - 1, device=device)
     dens = (G, critic.fake, teacher_den)

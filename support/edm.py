@@ -181,7 +181,8 @@ class EDMDenoiser(nn.Module):
         super().__init__()
         self.net, self.schedule, self.label_dim = net, schedule, label_dim
         self.encoder_end = edm_encoder_output_module(net)
-        self.register_buffer("onehot", torch.eye(label_dim), persistent=False)  # rows: one-hot labels, built once
+        device = next(net.parameters(), torch.empty(0)).device  # the buffer starts where the network is
+        self.register_buffer("onehot", torch.eye(label_dim, device=device), persistent=False)  # built once
 
     def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Class indices [B] -> one-hot [B, label_dim]; None for an unconditional network (label_dim 0)."""

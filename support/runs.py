@@ -299,13 +299,6 @@ def resumed_config(cls: type, saved: dict, step: int, given: dict, fixed: tuple[
     return config_from(cls, saved | given)
 
 
-def fused(device: torch.device | str) -> dict:
-    """Adam / AdamW keyword: one fused kernel on CUDA, foreach elsewhere (the same update up to rounding). On
-    the CPU fused is 4x faster per step for the small UNet, but whole small runs were no faster (see README),
-    and foreach keeps their results bit for bit."""
-    return dict(fused=True) if torch.device(device).type == "cuda" else dict(foreach=True)
-
-
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
     """ema <- beta ema + (1 - beta) model, all parameters in one fused call."""

@@ -26,7 +26,7 @@ import dmd2
 from support import metrics
 from support.data import ImageDataset
 from support.edm import EDMDenoiser, Precond, small_unet, teacher_sampler
-from support.runs import barrier, ema_update, fused, is_main, load_file, save_atomic
+from support.runs import barrier, ema_update, is_main, load_file, save_atomic
 
 TRAIN_SIZE = 4000  # MNIST digits in the training split (the other 1,000 are held out for evaluation)
 
@@ -85,7 +85,7 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, label_dim: int, resolution: 
     net = small_unet(resolution, channels, label_dim, x.shape[1]).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     den = EDMDenoiser(net, schedule, label_dim)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, **fused(device))
+    opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / 100))
     x, y = x.to(device), y.to(device)
     for step in tqdm(range(iters), desc="teacher", disable=not is_main()):

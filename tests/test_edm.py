@@ -371,3 +371,13 @@ def test_edm_architectures_as_teacher_and_denoiser(edm_network):
     net(x, sch.sigma(t), onehot)
     handle.remove()
     torch.testing.assert_close(den.features(x, t, labels), seen[0], rtol=1e-5, atol=1e-5)
+
+
+def test_denoiser_one_hot_rows_start_on_the_network_device():
+    """An EDMDenoiser wrapped around a network already on a device (a GPU) builds its one-hot rows there, so that
+    no `.to(device)` of the wrapper is needed (the small teacher's training and the benchmark wrap moved networks)."""
+    from support.edm import small_unet
+
+    den = EDMDenoiser(small_unet(16, 8, 10).to("meta"), dmd2.EDMSchedule(), 10)
+    assert den.onehot.device.type == "meta" and den.onehot.shape == (10, 10)
+    assert EDMDenoiser(small_unet(16, 8, 10), dmd2.EDMSchedule(), 10).onehot.device.type == "cpu"

@@ -70,6 +70,17 @@ def test_paper_path_trains_and_evaluates(inputs, tmp_path, monkeypatch):
     assert os.path.isfile(out)
 
 
+def test_training_without_reference_statistics_skips_the_evaluations(inputs, tmp_path):
+    """No --ref: training (periodic evaluation due at the end, as with --eval-every 5000 by default) runs and
+    writes its checkpoint and samples; nothing is scored, no best.pt."""
+    pkl, data, _ref, _net = inputs
+    run = str(tmp_path / "run")
+    metrics = ti.main(["--teacher", pkl, "--data", data, "--out", run, "--resolution", "8", "--label-dim", "10",
+                       "--batch", "4", "--iters", "2", "--eval-every", "1", "--workers", "0"])
+    assert "student" not in metrics and ti.edm.read_checkpoint(run)["step"] == 2
+    assert os.path.isfile(os.path.join(run, "samples.png")) and not os.path.exists(os.path.join(run, "best.pt"))
+
+
 def test_two_phase_schedule(tmp_path):
     """Phase 1 without GAN; phase 2 starts from its weights with the GAN on (a new head, new optimizers)."""
     common = ["--teacher-iters", "5", "--classifier-iters", "5", "--batch", "4", "--log-every", "2",

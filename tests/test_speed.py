@@ -183,30 +183,3 @@ def test_backward_simulation_draws_k_on_the_host():
         _, t = dmd2.backward_simulation(G, torch.randn(2, 3), sch, ts, generator=torch.Generator().manual_seed(99),
                                         k_generator=torch.Generator().manual_seed(seed))
         assert len(calls) == expected and int(t[0]) == ts[expected]
-
-
-@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
-def test_fused_optimizer_keyword_gives_foreach_updates(cls):
-    """runs.fused: one fused kernel on CUDA, foreach elsewhere; fused (run here on the CPU) gives foreach's weights
-    to rounding over ten steps, with weight decay and a moving learning rate."""
-    from support import runs
-
-    assert runs.fused(torch.device("cuda")) == {"fused": True}
-    assert runs.fused("cpu") == runs.fused("meta") == {"foreach": True}
-    torch.manual_seed(0)
-    net = edm.small_unet(16, 8, 3)
-    nets = {k: copy.deepcopy(net) for k in ("fused", "foreach")}
-    opts = {"fused": cls(nets["fused"].parameters(), lr=1e-2, weight_decay=0.1, **runs.fused("cuda")),
-            "foreach": cls(nets["foreach"].parameters(), lr=1e-2, weight_decay=0.1, foreach=True)}
-    for step in range(10):
-        grads = [torch.randn_like(p) for p in net.parameters()]
-        for k, opt in opts.items():
-            for g in opt.param_groups:
-                g["lr"] = 1e-2 / (step + 1)
-            for p, g in zip(nets[k].parameters(), grads, strict=True):
-                p.grad = g.clone()
-            opt.step()
-    moved = [(a - p).abs().max().item() for a, p in zip(nets["fused"].parameters(), net.parameters(), strict=True)]
-    assert min(moved) > 1e-3  # every tensor was updated
-    for a, b in zip(nets["fused"].parameters(), nets["foreach"].parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
