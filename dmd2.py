@@ -13,7 +13,7 @@ UNets to this protocol.
 
 Symbols
     T               number of discrete training timesteps (1000)
-    alpha_t, sigma_t  forward process q(x_t | x) = N(alpha_t x, sigma_t^2 I)     `Schedule`
+    alpha_t, sigma_t  forward process q(x_t | x) = N(alpha_t x, sigma_t^2 I)     `Schedule`: EDM, VP, flow
     F(x, t)         forward diffusion alpha_t x + sigma_t eps                    `Schedule.add_noise`
     mu_real         teacher denoiser, frozen                                     `real`
     mu_fake         fake score ("critic") denoiser, trained on generator output  `fake`
@@ -158,6 +158,35 @@ class VPSchedule(Schedule):
         # SNR weight: (alpha/sigma)^2 |x0_pred - x|^2 == |eps_pred - eps|^2, SD's own training loss
         a, s = self.coefficients(t, dtype=torch.float64)
         return (a / s).pow(2).float()
+
+
+class FlowSchedule(Schedule):
+    """Rectified flow (SD3, Esser et al. 2024): x_t = (1 - sigma_t) x + sigma_t eps, alpha_t = 1 - sigma_t, with
+    SD3's timestep shift sigma_t = s u / (1 + (s - 1) u) of u = (t + 1) / T. Index T-1 is pure noise (sigma 1,
+    alpha 0); the table is diffusers' FlowMatchEulerDiscreteScheduler(shift=s).sigmas at init, ascending.
+
+    A flow network predicts the velocity v = eps - x, so x0 = x_t - sigma_t v (`velocity_to_x0`): nothing here
+    divides by alpha_t, which is 0 at the last index."""
+
+    def __init__(self, shift: float = 1.0, T: int = 1000):
+        if not shift > 0:
+            raise ValueError(f"the timestep shift must be > 0, got {shift}")
+        u = torch.arange(1, T + 1, dtype=torch.float64) / T
+        sigmas = shift * u / (1 + (shift - 1) * u)
+        sigmas[-1] = 1.0  # shift(1) = 1: pure noise at the last index, exactly, whatever the rounding
+        super().__init__(1 - sigmas, sigmas)
+        self.shift = shift
+
+    def prior(self, z: torch.Tensor) -> torch.Tensor:
+        return z.float()
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        # 1 / sigma^2: |x0_pred - x|^2 / sigma^2 = |v_pred - v|^2, the flow-matching loss of SD3's own training
+        return self.coefficients(t, dtype=torch.float64)[1].pow(-2).float()
+
+    def velocity_to_x0(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - sigma_t v, the denoiser of a velocity network (v = eps - x, diffusers' sign)."""
+        return x_t.float() - self.sigma(t, x_t) * v.float()
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,24 +1,16 @@
-"""Sample from a DMD2 student, and evaluate it as the paper does.
+"""Images from a DMD2 student (ours, or the released DMD2 weights), and the paper's text-to-image evaluation.
 
-Class-conditional (train_imagenet.py runs: ImageNet-64, the MNIST experiment): a grid, a row per label, of
-one-step samples x = G(80 z; 80, label).
-
-    python sample.py runs/mnist                                    # classes 0..9, 10 samples each
-    python sample.py runs/mnist --labels 3 7 --n 16 --seed 1 --out sevens.png
-
-Text-to-image (Sec. 5.2): SOURCE is a train_t2i.py run folder or checkpoint (it records its base model), an
-exported folder, a diffusers UNet folder, a UNet state dict (.bin / .safetensors, like the released
-`dmd2_sdxl_4step_unet_fp16.bin`) or LoRA weights; the last three need `--model BASE`. The student runs the
-paper's sampler (Sec. 4.4, `dmd2.sample`): 1 step (t = 999, or 399 for SDXL) or 4 steps [999, 749, 499, 249].
-
-    python sample.py runs/sdxl-4step --prompt "a photo of a cat" --out cat.png
+    python sample.py runs/mnist --labels 3 7 --n 16 --out sevens.png           # class-conditional: a row per label
+    python sample.py runs/sdxl-4step --prompt "a photo of a cat" --out cat.png  # text-to-image: one grid
     python sample.py dmd2_sdxl_4step_unet_fp16.bin --model stabilityai/stable-diffusion-xl-base-1.0 --steps 4 \
         --prompts prompts.txt --out samples/
     python sample.py runs/sdxl-4step --prompts coco10k.txt --eval --ref-images coco10k/ --out eval/   # App. G
 
-Evaluation (App. G): FID with clean-fid on images centre-cropped and resized to --eval-res (256 px for SD v1.5,
-Table 5; 512 px for SDXL, Table 2), patch FID on 299 px centre crops of the full-resolution images, and CLIP
-score (cosine similarity) with OpenCLIP ViT-g-14.
+SOURCE is a run folder or checkpoint of either training script (it records its base model and timesteps), or, for
+text-to-image, an export folder, a diffusers UNet or SD3 transformer folder, a state dict (.bin / .safetensors) or
+LoRA weights (these three need --model). The student runs the paper's sampler (Sec. 4.4, `dmd2.sample`) at its
+timesteps. Evaluation (App. G): clean-fid FID at --eval-res (256 px for SD v1.5, Table 5; 512 px for SDXL, Table 2),
+patch FID on 299 px centre crops, CLIP score with OpenCLIP ViT-g-14.
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ import math
 import os
 from pathlib import Path
 
+import diffusers
 import torch
 
 import dmd2
@@ -128,7 +121,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
         cfg = c["config"]
         cfg["model"] = args.model or cfg["model"]
         return cfg["model"], {"timesteps": sd.student_timesteps(cfg["steps"], cfg["conditioning_timestep"]),
-                              "resolution": cfg["resolution"]}, c
+                              "resolution": cfg["resolution"], "t5": cfg.get("t5", True)}, c
     meta = json.loads((src / "dmd2.json").read_text()) if (src / "dmd2.json").is_file() else {}
     model = args.model or meta.get("model")
     if not model:
@@ -138,32 +131,32 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
 
 
 def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, dtype: torch.dtype):
-    """The student's UNet from any kind of SOURCE, on base's device, with no LoRA layers left: a LoRA generator is
-    fused into the base weights (a UNet with peft layers switched off, as the teacher runs, would be the teacher)."""
-    from diffusers import UNet2DConditionModel
-
-    device, src = base.vae.device, Path(args.source)
+    """The student's network (UNet or SD3 transformer) from any kind of SOURCE, on base's device, with no LoRA layers
+    left: a LoRA generator is fused into the base weights (one with its peft layers switched off, as the teacher
+    runs, would be the teacher)."""
+    device, src, kind = base.vae.device, Path(args.source), sd.subfolder(base.family)
+    cls = diffusers.SD3Transformer2DModel if base.family == "sd3" else diffusers.UNet2DConditionModel
     if ckpt is not None:
         return sd.load_student(ckpt, device, dtype)
-    for folder in (src / "unet", src):  # a diffusers UNet folder (an export folder holds one in unet/)
+    for folder in (src / kind, src):  # a diffusers model folder (an export folder holds one in unet/ or transformer/)
         if (folder / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype).to(device)
+            return cls.from_pretrained(str(folder), torch_dtype=dtype).to(device)
     lora = lora_file(src)
     if lora is not None:  # LoRA weights: loaded and fused as a user would, through a stock pipeline
-        base.unet = sd.load_unet(model, device, dtype)
+        base.net = sd.load_net(model, device, dtype)
         pipe = sd.teacher_pipeline(base, model)
         pipe.load_lora_weights(str(lora), adapter_name="dmd2")
         pipe.fuse_lora(adapter_names=["dmd2"])
         pipe.unload_lora_weights()  # the fused weights stay; the peft layers go
-        return base.unet
+        return base.net
     if src.is_dir():
-        raise ValueError(f"{src}: no UNet (config.json), LoRA weights or checkpoint (checkpoint.pt) in this folder")
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
-    try:  # the released fp16 weights: a plain state dict of the base model's UNet
-        unet.load_state_dict(read_state_dict(src), strict=True)
+        raise ValueError(f"{src}: no {kind} (config.json), LoRA weights or checkpoint (checkpoint.pt) in this folder")
+    net = cls.from_config(cls.load_config(model, subfolder=kind))
+    try:  # the released fp16 weights: a plain state dict of the base model's network
+        net.load_state_dict(read_state_dict(src), strict=True)
     except (RuntimeError, OSError, ValueError) as e:
-        raise ValueError(f"{src}: not a state dict of {model}'s UNet ({str(e).splitlines()[0]})") from e
-    return unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
+        raise ValueError(f"{src}: not a state dict of {model}'s {kind} ({str(e).splitlines()[0]})") from e
+    return net.to(device) if dtype == torch.float32 else net.to(device, dtype)
 
 
 def read_state_dict(path: Path) -> dict:
@@ -190,13 +183,13 @@ def lora_file(src: Path) -> Path | None:
     return None
 
 
-def timesteps_for(args: argparse.Namespace, meta: dict, sdxl: bool) -> list[int]:
+def timesteps_for(args: argparse.Namespace, meta: dict, family: str) -> list[int]:
     if args.timesteps:
         if not all(0 <= t < 1000 for t in args.timesteps):
             raise ValueError("--timesteps must lie in [0, 1000)")
         return args.timesteps
     if args.steps:
-        return ([399] if sdxl else [999]) if args.steps == 1 else dmd2.step_timesteps(args.steps)
+        return ([399] if family == "sdxl" else [999]) if args.steps == 1 else dmd2.step_timesteps(args.steps)
     if "timesteps" in meta:
         return meta["timesteps"]
     raise ValueError("pass --steps 1 or 4 (or --timesteps): these weights do not record their schedule")
@@ -212,19 +205,19 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, meta, ckpt = resolve_source(args)
-    base = sd.load_base(model, device, dtype, unet=False)
-    timesteps = timesteps_for(args, meta, base.sdxl)
+    base = sd.load_base(model, device, dtype, net=False, t5=meta.get("t5", True))
+    timesteps = timesteps_for(args, meta, base.family)
     unet = load_student(args, base, model, ckpt, dtype)
-    G = sd.EpsUNet(unet.requires_grad_(False), base.schedule)
+    G = sd.Denoiser(unet.requires_grad_(False), base.schedule)
     res = args.resolution or meta.get("resolution") or unet.config.sample_size * base.vae_factor
-    multiple = base.vae_factor * 2 ** (len(unet.config.down_block_types) - 1)
+    multiple = base.vae_factor * sd.net_factor(unet.config)
     if res % multiple:
-        raise ValueError(f"--resolution {res}: must be a multiple of {multiple} (VAE x UNet downsampling)")
+        raise ValueError(f"--resolution {res}: must be a multiple of {multiple} (VAE x network downsampling)")
     latent = res // base.vae_factor
     images = []
     for b in range(0, len(prompts), args.batch):
         batch = prompts[b:b + args.batch]
-        g = torch.Generator(device).manual_seed(args.seed + b)
+        g = torch.Generator(device).manual_seed(runs.stream_seed(args.seed, "sample", b))
         z = torch.randn(len(batch), unet.config.in_channels, latent, latent, generator=g, device=device)
         x0 = dmd2.sample(G, z, base.schedule, timesteps, sd.encode_prompts(base, batch, res), g)
         images.append(sd.decode(base, x0).cpu())

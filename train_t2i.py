@@ -1,19 +1,15 @@
-"""Text-to-image DMD2: distil SD v1.5 or SDXL (diffusers) into a one- or four-step generator.
-
-Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis", arXiv:2405.14867:
-Sec. 5.2, App. F.3 (SD v1.5) and F.4 (SDXL). The algorithm is `dmd2.py`; `support/sd.py` adapts diffusers UNets
-to its denoiser protocol; this script builds the run, feeds it prompts and real images, and runs the loop.
-Presets hold the paper's hyper-parameters:
+"""Text-to-image DMD2: distil SD v1.5, SDXL or SD3.5 (diffusers) into a one- or four-step generator.
 
     python train_t2i.py --preset sd15 --model runwayml/stable-diffusion-v1-5 --prompts prompts.txt
     torchrun --nproc_per_node 8 train_t2i.py --preset sdxl-4step --model stabilityai/stable-diffusion-xl-base-1.0 \
         --prompts prompts.txt --real-images laion/ --dist fsdp
-    python train_t2i.py --preset sdxl-4step-lora --mode shared-lora ...   # one GPU: one copy of SDXL
-    python train_t2i.py --export runs/sdxl-4step                            # UNet folder, fp16 state dict, LoRA
+    python train_t2i.py --preset sd35m-4step --mode shared-lora ...   # one GPU: G and mu_fake as LoRAs on the teacher
+    python train_t2i.py --export runs/sdxl-4step                        # diffusers folder, fp16 state dict, LoRA
 
-Networks (Fig. 3): mu_real = the base UNet with classifier-free guidance; G and mu_fake start as copies of it
-(`--mode full`) or as LoRA adapters on it (`lora`: G only; `shared-lora`: both, on the one frozen base that is
-also the teacher); D = `dmd2.GANHead` on mu_fake's mid-block output.
+Yin et al., arXiv:2405.14867, Sec. 5.2, App. F.3 (SD v1.5), F.4 (SDXL); the presets hold the paper's settings (SD3.5:
+public flow-model DMD recipes, docs/text-to-image.md). mu_real = the teacher with classifier-free guidance; G and
+mu_fake start as copies of it (`--mode full`) or LoRA adapters on it (`lora`: G; `shared-lora`: both, on the one
+frozen base that is also the teacher); D = `dmd2.GANHead` on mu_fake's bottleneck (`support/sd.py`).
 """
 
 from __future__ import annotations
@@ -29,12 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from tqdm import tqdm
 
 import dmd2
-from support import runs, sd
+from support import memory, runs, sd
 from support.data import CaptionedImages, read_prompts
 
 # ----------------------------------------------------------------------------------------------------
@@ -44,12 +39,25 @@ from support.data import CaptionedImages, read_prompts
 
 @dataclass
 class Config:
-    model: str = ""  # diffusers model id or folder, SD v1.5- or SDXL-based (detected from the pipeline)
+    # the run
+    model: str = ""  # diffusers model id or folder: SD v1.5-, SDXL- or SD3-based (read from the pipeline)
     prompts: str = ""  # training prompts, one per line
     real_images: str = ""  # GAN real data: folder of images + same-named .txt captions, or .tar shards
     out: str = "runs/t2i"  # run folder: config.json, checkpoint.pt, log.jsonl, samples/, export/
-    preset: str = ""  # the paper's recipe: sd15, sd15-stage2, sdxl-4step, sdxl-1step, sdxl-4step-lora
-    # generator (Sec. 4.4, 4.5, App. F.4)
+    preset: str = ""  # the recipe: sd15, sd15-stage2, sdxl-4step, sdxl-1step, sdxl-4step-lora, sd35m-4step, ...
+    resolution: int = 512  # image side in pixels
+    batch: int = 32  # per process
+    iters: int = 40000  # critic updates; the generator gets iters / ratio
+    init: str = ""  # start from another run's weights (SD v1.5 stage 2 from stage 1)
+    resume: bool = False  # continue this run folder's checkpoint exactly
+    cache_latents: bool = False  # encode the real images once, before training
+    t5: bool = True  # SD3: load its T5 text encoder (--no-t5: zeros in its place, as diffusers without it)
+    seed: int = 0  # every random stream (runs.stream_seed); backward simulation's k is the same on every process
+    log_every: int = 10  # one log line per this many iterations
+    ckpt_every: int = 500  # iterations between checkpoints (always one at the end)
+    sample_every: int = 500  # a grid of the first prompts, in samples/
+    device: str = ""  # default: cuda if available
+    # the generator (Sec. 4.4, 4.5, App. F.4)
     steps: int = 1  # 1: one step; N > 1: timesteps 999, 999 - 1000/N, ... (4: [999, 749, 499, 249])
     conditioning_timestep: int = 999  # the one-step generator's timestep (pure-noise input); SDXL: 399
     backward_simulation: bool = True  # multi-step inputs from G itself (Sec. 4.5); off: noised real latents
@@ -57,7 +65,7 @@ class Config:
     mode: str = "full"  # full | lora (G is a LoRA on the teacher) | shared-lora (G and mu_fake both LoRAs)
     lora_rank: int = 64  # rank of each LoRA adapter (the paper's LoRA: 64)
     lora_alpha: float = 8.0  # LoRA alpha (the paper's: 8); an adapter's scale is alpha / rank
-    # DMD2 (Sec. 4.2, 4.3)
+    # the algorithm (Sec. 4.2, 4.3)
     w: float = 1.75  # the teacher's guidance scale, uncond + w (cond - uncond)
     ratio: int = 10  # critic updates per generator update (TTUR)
     gan_g: float = 0.0  # generator's GAN loss weight (0: no GAN)
@@ -70,24 +78,15 @@ class Config:
     warmup_steps: int = 0  # LPIPS regression steps
     warmup_lr: float = 1e-5  # AdamW lr of the LPIPS regression
     warmup_teacher_steps: int = 50  # the teacher's Euler steps for each pair
-    # run
-    resolution: int = 512  # image side in pixels
-    batch: int = 32  # per process
-    iters: int = 40000  # critic updates; the generator gets iters / ratio
-    init: str = ""  # start from another run's weights (SD v1.5 stage 2 from stage 1)
-    resume: bool = False  # continue this run folder's checkpoint exactly
-    cache_latents: bool = False  # encode the real images once, before training
+    # speed and memory
     dist: str = "ddp"  # ddp | fsdp (full mode), under torchrun
-    grad_checkpointing: bool = True  # recompute UNet blocks in backward: less memory, ~1/3 more compute
-    seed: int = 0  # process r draws with seed + r; backward simulation's k with seed on every process
-    log_every: int = 10  # one log line per this many iterations
-    ckpt_every: int = 500  # iterations between checkpoints (always one at the end)
-    sample_every: int = 500  # a grid of the first prompts, in samples/
-    device: str = ""  # default: cuda if available
+    grad_checkpointing: bool = True  # recompute network blocks in backward: less memory, ~1/3 more compute
 
 
 # The authors' 500 warm-up steps advanced once per process per iteration: on 64 GPUs, about 8 iterations.
 GAN_SDXL = dict(resolution=1024, batch=2, w=8.0, ratio=5, lr=5e-7, lr_warmup=8, gan_g=5e-3, gan_d=1e-2)
+# SD3.5 Medium (no paper recipe): the teacher's own guidance 4.5, SenseFlow's lr 1e-6 and ratio 10, the GAN of SDXL's
+GAN_SD35 = dict(resolution=1024, batch=2, w=4.5, ratio=10, lr=1e-6, lr_warmup=8, gan_g=5e-3, gan_d=1e-2)
 PRESETS = {
     "sd15": dict(resolution=512, batch=32, steps=1, conditioning_timestep=999, w=1.75, ratio=10, lr=1e-5,
                  lr_warmup=8, gan_g=0.0, gan_d=0.0, iters=40000),  # stage 1 (App. F.3)
@@ -98,6 +97,9 @@ PRESETS = {
                        warmup_steps=2000, warmup_lr=1e-5),
     "sdxl-4step-lora": dict(GAN_SDXL, steps=4, iters=20000, mode="lora", lr=5e-5, lora_rank=64, lora_alpha=8.0,
                             real_prompts=True),
+    "sd35m-4step": dict(GAN_SD35, steps=4, iters=20000, real_prompts=True),  # sigmas 1, 0.9, 0.75, 0.5
+    "sd35m-1step": dict(GAN_SD35, steps=1, conditioning_timestep=999, iters=25000),
+    "sd35m-4step-lora": dict(GAN_SD35, steps=4, iters=20000, mode="lora", lr=5e-5, real_prompts=True),
 }
 MODES, DISTS = ("full", "lora", "shared-lora"), ("ddp", "fsdp")
 
@@ -109,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     p.add_argument("--export", metavar="RUN", help="export a run folder or checkpoint (to --out, default RUN/export)")
     p.add_argument("--estimate-memory", action="store_true", help="peak GPU memory per process of this run, "
                    "computed on fake tensors (no GPU, no weights): --model's configs, or the built-in --arch")
-    p.add_argument("--arch", choices=["sd15", "sdxl"], default="sdxl", help="--estimate-memory without --model")
+    p.add_argument("--arch", choices=list(memory.ARCHS), default="sdxl", help="--estimate-memory without --model")
     a = p.parse_args(argv)
     return runs.given_flags(a, Config), a
 
@@ -130,10 +132,10 @@ def validate(cfg: Config, world: int) -> None:
     """Clear errors for bad input, before anything heavy is loaded."""
     if not cfg.preset:
         raise ValueError(f"--preset is required: one of {', '.join(PRESETS)}")
-    sdxl = "text_encoder_2" in sd.model_index(cfg.model)
-    if cfg.preset.startswith("sdxl") != sdxl:
-        raise ValueError(f"--preset {cfg.preset} is for {'SDXL' if cfg.preset.startswith('sdxl') else 'SD v1.5'}, "
-                         f"but {cfg.model} is {'SDXL' if sdxl else 'SD v1.5'}-based")
+    fam, names = sd.family(cfg.model), {"sd15": "SD v1.5", "sdxl": "SDXL", "sd3": "SD3"}
+    want = "sd3" if cfg.preset.startswith("sd3") else cfg.preset[:4]
+    if fam != want:
+        raise ValueError(f"--preset {cfg.preset} is for {names[want]}, but {cfg.model} is {names[fam]}-based")
     read_prompts(cfg.prompts)
     if needs_real(cfg) and not cfg.real_images:
         raise ValueError("--real-images is required: the GAN term (and the no-backward-simulation ablation) "
@@ -150,25 +152,23 @@ def validate(cfg: Config, world: int) -> None:
         runs.load_file(sd.find_checkpoint(cfg.init), "checkpoint of train_t2i.py", mmap=True)
     elif cfg.preset == "sd15-stage2" and not cfg.resume:
         raise ValueError("--preset sd15-stage2 continues stage 1 (App. F.3): pass --init STAGE1_RUN")
-    unet = UNet2DConditionModel.load_config(cfg.model, subfolder="unet")
-    factor = 2 ** (len(AutoencoderKL.load_config(cfg.model, subfolder="vae")["block_out_channels"]) - 1)
-    down = 2 ** (len(unet["down_block_types"]) - 1)
-    side = cfg.resolution // factor // down
-    if cfg.resolution % (factor * down) or (needs_real(cfg) and (side < 4 or side & (side - 1))):
-        raise ValueError(f"--resolution {cfg.resolution}: must be a multiple of {factor * down} (VAE x UNet "
-                         f"downsampling) with a power-of-two bottleneck of at least 4 for the GAN head, e.g. "
-                         f"{factor * down * 4}, {factor * down * 8}, {factor * down * 16}")
+    m = sd.downsampling(cfg.model)
+    side = cfg.resolution // m
+    if cfg.resolution % m or (needs_real(cfg) and (side < 4 or side & (side - 1))):
+        raise ValueError(f"--resolution {cfg.resolution}: must be a multiple of {m} (VAE x network downsampling) "
+                         f"with a power-of-two bottleneck of at least 4 for the GAN head, e.g. {m * 4}, {m * 8}, "
+                         f"{m * 16}")
 
 
 def needs_real(cfg: Config) -> bool:
     return cfg.gan_g > 0 or cfg.gan_d > 0 or (cfg.steps > 1 and not cfg.backward_simulation) or cfg.real_prompts
 
 
-def build_nets(cfg: Config, base: sd.Base, device: torch.device, world: int, new_unet=None) -> sd.Nets:
+def build_nets(cfg: Config, base: sd.Base, device: torch.device, world: int, new_net=None) -> sd.Nets:
     """G, mu_fake (+ GAN head) and the teacher in the chosen --mode (see sd.build_nets)."""
     return sd.build_nets(base, device, world, cfg.model, cfg.mode, cfg.lora_rank, cfg.lora_alpha,
                          cfg.gan_g > 0 or cfg.gan_d > 0, cfg.resolution, cfg.dist == "fsdp", cfg.grad_checkpointing,
-                         cfg.seed, new_unet)
+                         cfg.seed, new_net)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,14 +183,14 @@ def teacher_pairs(cfg: Config, base: sd.Base, prompts: list[str], path: Path, ra
         return runs.load_file(path, "teacher pair cache")
     pipe = sd.teacher_pipeline(base, cfg.model)
     pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(cfg.seed + 7919 * (rank + 1))
+    g = torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "pairs", rank))
     n, latent = math.ceil(cfg.warmup_pairs / world), cfg.resolution // base.vae_factor
     pairs = {"z": [], "x": [], "prompts": []}
     for i in tqdm(range(0, n, cfg.batch), desc="teacher pairs", disable=rank != 0):
         b = min(cfg.batch, n - i)
         p = [prompts[j] for j in torch.randint(len(prompts), (b,), generator=g).tolist()]
-        z = torch.randn(b, 4, latent, latent, generator=g)
-        x = pipe(prompt=p, latents=z.to(base.unet.device, base.unet.dtype), height=cfg.resolution,
+        z = torch.randn(b, base.latent_channels, latent, latent, generator=g)
+        x = pipe(prompt=p, latents=z.to(base.net.device, base.net.dtype), height=cfg.resolution,
                  width=cfg.resolution, guidance_scale=cfg.w, num_inference_steps=cfg.warmup_teacher_steps,
                  output_type="latent").images
         pairs["z"].append(z.half()), pairs["x"].append(x.cpu().half()), pairs["prompts"].extend(p)
@@ -216,9 +216,8 @@ def load_lpips(device: torch.device) -> nn.Module:
 def lpips_warmup(cfg: Config, base: sd.Base, nets: sd.Nets, pairs: dict, lp: nn.Module, device: torch.device,
                  rank: int) -> None:
     """LPIPS(decode(G(z, t)), decode(teacher(z))) on the pairs, through the VAE decoder (checkpointed)."""
-    sf = base.vae.config.scaling_factor
     opt = torch.optim.AdamW(nets.G.params, lr=cfg.warmup_lr, betas=(0.9, 0.999), weight_decay=0.01)
-    g = torch.Generator().manual_seed(cfg.seed + rank)
+    g = torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "lpips", rank))
     base.vae.enable_gradient_checkpointing()
     for s in tqdm(range(cfg.warmup_steps), desc="LPIPS warm-up", disable=rank != 0):
         idx = torch.randint(len(pairs["z"]), (cfg.batch,), generator=g).tolist()
@@ -226,8 +225,8 @@ def lpips_warmup(cfg: Config, base: sd.Base, nets: sd.Nets, pairs: dict, lp: nn.
         cond = sd.encode_prompts(base, [pairs["prompts"][i] for i in idx], cfg.resolution)
         x = nets.G(z, torch.full((len(z),), cfg.conditioning_timestep, device=device), cond)
         with torch.no_grad():
-            target = base.vae.decode(x_teacher / sf).sample
-        loss = lp(base.vae.decode(x / sf).sample.float(), target.float()).mean()  # images in [-1, 1]
+            target = sd.to_pixels(base.vae, x_teacher)
+        loss = lp(sd.to_pixels(base.vae, x), target).mean()  # images in [-1, 1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.G.params, cfg.max_grad_norm)
@@ -243,9 +242,9 @@ def lpips_warmup(cfg: Config, base: sd.Base, nets: sd.Nets, pairs: dict, lp: nn.
 
 def generators(cfg: Config, rank: int, device: torch.device) -> dict[str, torch.Generator]:
     """Every random draw of training comes from these (saved in checkpoints, so resuming is exact)."""
-    return {"noise": torch.Generator(device).manual_seed(cfg.seed + rank),  # this process's noise
-            "data": torch.Generator().manual_seed(cfg.seed + rank),  # which prompts and real images
-            "k": torch.Generator().manual_seed(cfg.seed)}  # backward simulation's step: the same on all ranks
+    return {"noise": torch.Generator(device).manual_seed(runs.stream_seed(cfg.seed, "noise", rank)),
+            "data": torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "data", rank)),  # prompts, real images
+            "k": torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "k"))}  # backward simulation's: every rank's
 
 
 def generator_input(cfg: Config, G: sd.Net, schedule: dmd2.Schedule, z: torch.Tensor, cond: dict,
@@ -287,11 +286,11 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     cuda = device.type == "cuda"
     lp = load_lpips(device) if cfg.warmup_pairs and cfg.warmup_steps and not cfg.resume else None
-    base = sd.load_base(cfg.model, device, torch.bfloat16 if cuda else torch.float32)
+    base = sd.load_base(cfg.model, device, torch.bfloat16 if cuda else torch.float32, t5=cfg.t5)
     real = None
     if images is not None:
         cache = str(out / f"latents_{rank}of{world}.pt") if cfg.cache_latents else None
-        real = sd.RealLatents(images, base.vae, cache, seed=1_000_003 * cfg.seed + rank)
+        real = sd.RealLatents(images, base.vae, cache, seed=runs.stream_seed(cfg.seed, "latents", rank))
     pairs = None
     if lp is not None:  # before wrapping: a stock pipeline runs it
         pairs = teacher_pairs(cfg, base, prompts, out / f"warmup_pairs_{rank}of{world}.pt", rank, world)
@@ -302,7 +301,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
     warm = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup, 1))  # noqa: E731
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, warm) for k, o in opts.items()}
     gens = generators(cfg, rank, device)
-    start, history, averages = 0, [], runs.Averages()
+    start, history, averages, watch = 0, [], runs.Averages(), runs.NonFinite()
     if cfg.init and not cfg.resume:
         sd.load_trainable(nets, runs.load_file(sd.find_checkpoint(cfg.init), "checkpoint of train_t2i.py",
                                                mmap=True)["nets"], fsdp)
@@ -343,7 +342,8 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
                                                                                       cfg.conditioning_timestep)
     latent = cfg.resolution // base.vae_factor
     fixed = sd.encode_prompts(base, prompts[:4], cfg.resolution)  # the sample grid's prompts and noise
-    fixed_z = torch.randn(len(prompts[:4]), 4, latent, latent, generator=torch.Generator().manual_seed(cfg.seed))
+    grid = torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "grid"))
+    fixed_z = torch.randn(len(prompts[:4]), base.latent_channels, latent, latent, generator=grid)
     t0 = time.time()
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not master, desc=cfg.preset)
     for it in bar:
@@ -360,7 +360,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         texts = batch + (captions if gan and not cfg.real_prompts else [])  # with real prompts they are the same
         cond = sd.encode_prompts(base, texts, cfg.resolution)
         cond, cond_real = sd.split(cond, cfg.batch) if len(texts) > cfg.batch else (cond, cond)
-        z = torch.randn(cfg.batch, 4, latent, latent, generator=gens["noise"], device=device)
+        z = torch.randn(cfg.batch, base.latent_channels, latent, latent, generator=gens["noise"], device=device)
         x_in, t_in = generator_input(cfg, nets.G, base.schedule, z, cond, gens, x_start)
         logs = dmd2.train_iteration(it, nets.G, nets.teacher, nets.fake, nets.head, opts["g_opt"], opts["c_opt"],
                                     base.schedule, x_in, t_in, cond, x_real if gan else None,
@@ -368,9 +368,10 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         for s in scheds.values():  # both schedules advance every iteration (warm-up counts iterations)
             s.step()
         logs = {k: getattr(v, "full_tensor", lambda v=v: v)().float() for k, v in logs.items()}  # FSDP: DTensors
-        runs.stop_if_nonfinite(logs, it, f"{ckpt_path} (step {saved[0]})" if saved[0] is not None else
-                               "none was written yet", device)
+        watch.add(logs, it)
         averages.add(logs)
+        if (it + 1) % cfg.log_every == 0 or (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters:
+            watch.check(f"{ckpt_path} (step {saved[0]})" if saved[0] is not None else "none was written yet")
         if (it + 1) % cfg.log_every == 0:
             row = dict(it=it + 1, lr=scheds["g_opt"].get_last_lr()[0]) | averages.pop()
             row["s_per_it"] = round((time.time() - t0) / cfg.log_every, 3)
@@ -381,7 +382,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
             t0 = time.time()
         if (it + 1) % cfg.sample_every == 0 or it + 1 == cfg.iters:
             x0 = dmd2.sample(nets.G, fixed_z.to(device), base.schedule, timesteps, fixed,
-                             torch.Generator(device).manual_seed(cfg.seed))
+                             torch.Generator(device).manual_seed(runs.stream_seed(cfg.seed, "grid steps")))
             if master:
                 from torchvision.utils import save_image
 
@@ -396,18 +397,17 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
 
 
 def estimate_memory(given: dict, arch: str) -> dict[str, float]:
-    """Peak GiB by kind for the preset (default: sdxl-4step or sd15) and flags, from support/memory.py."""
-    from support import memory
-
-    unet_cfg, text_cfgs, vae_cfg = memory.configs(given.get("model"), arch)
-    preset = given.get("preset") or ("sdxl-4step" if len(text_cfgs) == 2 else "sd15")
+    """Peak GiB by kind for the preset (default: sd15, sdxl-4step or sd35m-4step) and flags (support/memory.py)."""
+    fam, net_cfg, text_cfgs, vae_cfg = memory.configs(given.get("model"), arch, given.get("t5", True))
+    preset = given.get("preset") or {"sd15": "sd15", "sdxl": "sdxl-4step", "sd3": "sd35m-4step"}[fam]
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     hp = dmd2.TTUR(ratio=cfg.ratio, gan_g=cfg.gan_g, gan_d=cfg.gan_d, w=cfg.w)
-    gib = memory.estimate(unet_cfg, text_cfgs, vae_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank,
+    gib = memory.estimate(fam, net_cfg, text_cfgs, vae_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank,
                           lora_alpha=cfg.lora_alpha, resolution=cfg.resolution, batch=cfg.batch, hp=hp, lr=cfg.lr,
                           timesteps=sd.student_timesteps(cfg.steps, cfg.conditioning_timestep),
                           grad_checkpointing=cfg.grad_checkpointing)
-    print(json.dumps({"preset": preset, "mode": cfg.mode, "batch": cfg.batch, "resolution": cfg.resolution,
+    print(json.dumps({"arch": given.get("model") or arch, "preset": preset, "mode": cfg.mode, "batch": cfg.batch,
+                      "resolution": cfg.resolution,
                       "grad_checkpointing": cfg.grad_checkpointing, **{k: round(v, 2) for k, v in gib.items()}}))
     return gib
 

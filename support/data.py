@@ -21,6 +21,8 @@ import PIL.Image
 import torch
 from PIL import Image, ImageOps
 
+from support.runs import stream_seed
+
 
 class RealImages:
     """An endless, resumable stream of (images, labels) for the GAN's real side, sharded by rank: in-memory
@@ -34,7 +36,8 @@ class RealImages:
         """This rank's share of the epoch's permutation (the same on every rank), whole batches only."""
         if self._cache[0] != self.epoch:
             n = len(self.data[0]) if isinstance(self.data, tuple) else len(self.data)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1000 * self.epoch))
+            order = torch.Generator().manual_seed(stream_seed(self.seed, "data", self.epoch))
+            perm = torch.randperm(n, generator=order)
             whole = n // self.world // self.batch * self.batch
             self._cache = (self.epoch, perm[self.rank::self.world][:whole].tolist())
         return self._cache[1]

@@ -1,7 +1,9 @@
 """EDM's side of the class-conditional scripts (Karras et al. 2022, github.com/NVlabs/edm), without its repository.
 
     ADMUNet, Precond       the ADM UNet (Dhariwal & Nichol 2021) in EDM's layout, and EDM's preconditioning
-    small_unet             the small experiment's teacher: the same architecture at 0.6-0.8M parameters
+    small_unet, FlowPrecond
+                           the small experiment's teacher: the same architecture at 0.6-0.8M parameters, EDM's
+                           preconditioning or a velocity network (rectified flow)
     load_edm_network       EDM network pickles (`torch_utils.persistence`), e.g. edm-imagenet-64x64-cond-adm.pkl
                            (in support/edm_pickle.py)
     edm_teacher            a pickle's UNet under our Precond (bf16 autocast governs precision)
@@ -11,7 +13,7 @@
     edm_sampler            EDM's deterministic Euler / Heun sampler (the teacher's baseline)
     load_generator, save_grid
                            the one-step generator of a train_imagenet.py run, and a grid of its samples
-    fuse_attention, compile_networks, channels_last
+    fuse_attention, compile_networks
                            speed paths that leave results unchanged up to rounding (tests/test_speed.py)
 """
 
@@ -28,7 +30,7 @@ from torch import nn
 
 import dmd2
 from support.edm_pickle import EDMPickleError, load_edm_network
-from support.runs import autocast, load_file
+from support.runs import autocast, load_file, stream_seed
 
 EDM_IMAGENET64_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl"
 EDM_IMAGENET64_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz"
@@ -161,10 +163,30 @@ class Precond(nn.Module):
         return c_skip * x.float() + c_out * self.model(c_in * x, c_noise, class_labels).float()
 
 
-def small_unet(resolution: int, channels: int, label_dim: int, in_channels: int = 1) -> Precond:
-    """The small experiment's teacher: ADM at 3 levels (16 -> 8 -> 4 px), attention at the 4x4x64 bottleneck."""
-    return Precond(ADMUNet(resolution, in_channels, label_dim, channels=channels, mult=(1, 2, 4), blocks=1,
-                           attn=(resolution // 4,)))
+class FlowPrecond(nn.Module):
+    """A velocity network as a denoiser (rectified flow, v = eps - x): D(x; sigma) = x - sigma F(x, 1000 sigma),
+    its time input in SD3's units. `EDMDenoiser` serves it as any other D(x; sigma), on a `dmd2.FlowSchedule`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = sigma.float().reshape(-1, 1, 1, 1)
+        return x.float() - sigma * self.model(x, 1000 * sigma.flatten(), class_labels).float()
+
+
+def make_schedule(name: str) -> dmd2.Schedule:
+    """The small experiment's schedules by name: "edm" (Karras grid) or "flow" (rectified flow, no shift)."""
+    return dmd2.FlowSchedule() if name == "flow" else dmd2.EDMSchedule()
+
+
+def small_unet(resolution: int, channels: int, label_dim: int, in_channels: int = 1, flow: bool = False) -> nn.Module:
+    """The small experiment's teacher: ADM at 3 levels (16 -> 8 -> 4 px), attention at the 4x4x64 bottleneck, under
+    EDM's preconditioning, or a velocity network (`flow`)."""
+    model = ADMUNet(resolution, in_channels, label_dim, channels=channels, mult=(1, 2, 4), blocks=1,
+                    attn=(resolution // 4,))
+    return FlowPrecond(model) if flow else Precond(model)
 
 
 class _Stop(Exception):
@@ -172,12 +194,13 @@ class _Stop(Exception):
 
 
 class EDMDenoiser(nn.Module):
-    """An EDM network D(x; sigma, class_labels) as a dmd2 denoiser (x_t, t, label) -> x0, t on the Karras grid.
+    """An EDM network D(x; sigma, class_labels) as a dmd2 denoiser (x_t, t, label) -> x0, t on the schedule's grid
+    (EDM's Karras sigmas, or a flow's).
 
     `features` is the bottleneck for the GAN head: the output of the last encoder block, taken with a
     forward hook that stops the network there, so the decoder half never runs."""
 
-    def __init__(self, net: nn.Module, schedule: dmd2.EDMSchedule, label_dim: int):
+    def __init__(self, net: nn.Module, schedule: dmd2.Schedule, label_dim: int):
         super().__init__()
         self.net, self.schedule, self.label_dim = net, schedule, label_dim
         self.encoder_end = edm_encoder_output_module(net)
@@ -285,12 +308,15 @@ def edm_teacher(source: str) -> Precond:
 
 @torch.no_grad()
 def edm_sampler(net: nn.Module, z: torch.Tensor, labels: torch.Tensor, label_dim: int, steps: int, heun: bool,
-                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                flow: bool = False) -> torch.Tensor:
     """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Euler (NFE = steps) or Heun
-    (NFE = 2 steps - 1) on the Karras discretisation. The teacher baseline, not part of DMD2."""
+    (NFE = 2 steps - 1) of dx/dsigma = (x - D(x; sigma)) / sigma on the Karras discretisation. The teacher baseline,
+    not part of DMD2. `flow`: the same ODE of a flow teacher (its velocity is (x - D) / sigma) from sigma 1 on the
+    uniform grid, Euler for the flow teachers' own sampler."""
     i = torch.arange(steps, dtype=torch.float64, device=z.device)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    t = (hi + i / max(steps - 1, 1) * (lo - hi)) ** rho
+    lo, hi = (0.0, 1.0) if flow else (sigma_min ** (1 / rho), sigma_max ** (1 / rho))
+    t = (hi + i / (steps if flow else max(steps - 1, 1)) * (lo - hi)) ** (1 if flow else rho)
     t = torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)])
     onehot = F.one_hot(labels, label_dim).float() if label_dim else None
     x = z.double() * t[0]
@@ -323,7 +349,7 @@ def check_teacher(net: Precond, resolution: int, channels: int, label_dim: int, 
 # Students (Sec. 4.6: G and mu_fake start from the teacher's weights) and sampling from a run.
 
 
-def build_students(teacher_net: nn.Module, schedule: dmd2.EDMSchedule, label_dim: int, channels: int,
+def build_students(teacher_net: nn.Module, schedule: dmd2.Schedule, label_dim: int, channels: int,
                    resolution: int, gan: bool, seed: int, device: torch.device) -> tuple[EDMDenoiser, Critic]:
     """(G, critic): trainable copies of the teacher; the critic holds mu_fake and, if `gan`, the GAN head sized
     from one encoder pass (initialised from `seed`, so identically on every rank). Both in eval mode: no
@@ -335,7 +361,7 @@ def build_students(teacher_net: nn.Module, schedule: dmd2.EDMSchedule, label_dim
         with torch.no_grad():  # the bottleneck's shape, from one encoder pass
             x = torch.zeros(1, channels, resolution, resolution, device=device)
             h = fake.features(x, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device))
-        torch.manual_seed(seed)
+        torch.manual_seed(stream_seed(seed, "head"))
         head = dmd2.GANHead(h.shape[1], h.shape[2]).to(device)
     return G.eval(), Critic(fake, head).eval()
 
@@ -362,18 +388,18 @@ def save_grid(G: EDMDenoiser, labels: list[int], n: int, channels: int, resoluti
 
     device = next(G.parameters()).device
     y = torch.tensor(labels, device=device).repeat_interleave(n)
-    z = torch.randn(len(y), channels, resolution, resolution, generator=torch.Generator(device).manual_seed(seed),
-                    device=device)
+    grid = torch.Generator(device).manual_seed(stream_seed(seed, "grid"))
+    z = torch.randn(len(y), channels, resolution, resolution, generator=grid, device=device)
     with autocast(device):
-        sample = few_step(G, timesteps or [G.schedule.T - 1], seed + 1)
+        sample = few_step(G, timesteps or [G.schedule.T - 1], stream_seed(seed, "grid steps"))
         x = torch.cat([sample(z[i:i + batch], y[i:i + batch]).float() for i in range(0, len(y), batch)])
     save_image(x * 0.5 + 0.5, path, nrow=n, padding=1)
 
 
-def teacher_sampler(net: nn.Module, label_dim: int, nfe: int, heun: bool):
+def teacher_sampler(net: nn.Module, label_dim: int, nfe: int, heun: bool, flow: bool = False):
     """EDM's sampler at a budget of `nfe` network evaluations, as a (z, labels) -> images callable."""
     steps = (nfe + 1) // 2 if heun else nfe
-    return lambda z, labels: edm_sampler(net, z, labels, label_dim, steps, heun)
+    return lambda z, labels: edm_sampler(net, z, labels, label_dim, steps, heun, flow=flow)
 
 
 def read_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
@@ -396,10 +422,11 @@ def load_generator(path: str, device: torch.device | str = "cpu", ema: bool = Fa
     cfg, state = ck["config"], ck["ema"] if ema and ck.get("ema") is not None else ck["G"]
     if cfg.get("teacher") is None:
         first = next(v for k, v in state.items() if k.startswith("net.model.enc.") and k.endswith(".weight"))
-        net = small_unet(cfg["resolution"], cfg["channels"], cfg["label_dim"], first.shape[1])
+        net = small_unet(cfg["resolution"], cfg["channels"], cfg["label_dim"], first.shape[1],
+                         cfg.get("schedule") == "flow")
     else:
         net = edm_teacher(cfg["teacher"])
-    G = EDMDenoiser(net, dmd2.EDMSchedule(), cfg["label_dim"])
+    G = EDMDenoiser(net, make_schedule(cfg.get("schedule", "edm")), cfg["label_dim"])
     load_weights(G, state, path)
     return G.to(device).eval().requires_grad_(False), cfg
 
@@ -518,12 +545,3 @@ def compile_networks(*modules: nn.Module, **compile_kwargs) -> None:
     for m in modules:
         m = m.fake if isinstance(m, Critic) else m
         (m.net if isinstance(m, EDMDenoiser) else m).compile(**compile_kwargs)
-
-
-def channels_last(*modules: nn.Module, on: bool = True) -> None:
-    """Convolution weights in channels-last memory format (NHWC), in place, or back to contiguous (on=False):
-    a convolution with a channels-last weight gives channels-last activations, so the whole network then runs
-    in NHWC. The values, state dict and checkpoints are unchanged; only the kernels differ (measured in
-    support/benchmark.py). An EDMDenoiser or Critic is converted with its network."""
-    for m in modules:
-        m.to(memory_format=torch.channels_last if on else torch.contiguous_format)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from support.edm_pickle import local_file
+from support.runs import stream_seed
 
 # ----------------------------------------------------------------------------------------------------
 # FID comparable with EDM's: DMD2 reports ImageNet-64 FID of 50,000 samples "using EDM's evaluation code"
@@ -251,7 +252,7 @@ def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label
     stats, correct, gen = None, torch.zeros((), device=device), torch.Generator(device)
     per_rank = math.ceil(n / world)
     count = min(per_rank, n - rank * per_rank)
-    gen.manual_seed(seed * 1000 + rank)
+    gen.manual_seed(stream_seed(seed, "eval", rank))
     for i in range(0, count, batch):
         b = min(batch, count - i)
         labels = torch.randint(0, max(label_dim, 1), (b,), generator=gen, device=device)

@@ -20,9 +20,11 @@ import os
 import re
 import sys
 import traceback
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -222,6 +224,13 @@ def load_file(path: str | Path, what: str, map_location: torch.device | str = "c
     return obj
 
 
+def stream_seed(seed: int, role: str, *index: int) -> int:
+    """The seed of one random stream: a run's `seed`, the stream's role ("noise", "eval", "data", ...) and indices
+    (a rank, an epoch) mixed by numpy's SeedSequence, so that no two seeds, roles or ranks share a stream (a plain
+    seed * 1000 + rank would give seed s's training noise to seed s - 1's evaluation)."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(role.encode()), *index]).generate_state(1, np.uint64)[0])
+
+
 def rng_state(gens: dict[str, torch.Generator]) -> dict:
     """The named generators' states, torch's global CPU state and, on a GPU machine, every CUDA device's."""
     s = {k: g.get_state() for k, g in gens.items()} | {"torch": torch.get_rng_state()}
@@ -247,29 +256,39 @@ def check_finite(named: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: every field of a config dataclass is a flag, with the comment after the field as its help.
+# Command line: every field of a config dataclass is a flag, with the comment after the field as its help, in
+# the --help group of the `# title` comment line above it.
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """`name: type = default  # help` lines of a dataclass -> {name: help}."""
-    return dict(re.findall(r"^ +(\w+): [^=]+=.*?# (.+)$", inspect.getsource(cls), re.M))
+def field_help(cls: type) -> dict[str, tuple[str, str]]:
+    """`# group` and `name: type = default  # help` lines of a dataclass -> {name: (group, help)}."""
+    out, group = {}, ""
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"^ +# (.+)$", line):
+            group = m[1]
+        elif m := re.match(r"^ +(\w+): [^=]+=[^#]*(?:# (.+))?$", line):
+            out[m[1]] = (group, m[2] or "")
+    return out
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type, choices: dict | None = None,
-                     default_note: str = "") -> None:
-    """One flag per field (`--eval-samples`), default None so that `given_flags` sees what the user typed.
+                     default_note: str = "") -> dict[str, argparse._ArgumentGroup]:
+    """One flag per field (`--eval-samples`), default None so that `given_flags` sees what the user typed, in
+    argument groups named by the dataclass's comment lines (returned by title, for the script's other flags).
     bool fields get --x / --no-x."""
-    helps = field_help(cls)
+    helps, groups = field_help(cls), {}
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split(" ")[0]
-        h = helps.get(f.name, "")
+        title, h = helps.get(f.name, ("", ""))
+        group = groups.setdefault(title, p.add_argument_group(title or None))
         if default_note:
             h = f"{h} (default: {f.default!r}{default_note})"
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=h,
-                           choices=(choices or {}).get(f.name))
+            group.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=h,
+                               choices=(choices or {}).get(f.name))
+    return groups
 
 
 def given_flags(args: argparse.Namespace, cls: type) -> dict:
@@ -399,24 +418,38 @@ class Averages:
         return {k: round(v, 6) for k, v in zip(keys, vals.tolist(), strict=True)}
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` holds on any process (so that all of them stop together)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class NonFinite:
+    """Watches every iteration's losses for inf / NaN without waiting on the device (no host sync in the loop): the
+    first bad iteration and its losses stay on the device until `check` (one sync, at log intervals and before
+    checkpoints) stops every process with them and the last checkpoint actually written."""
 
+    def __init__(self):
+        self.first: torch.Tensor | None = None  # the first bad iteration (inf: none)
+        self.values: dict[str, torch.Tensor] = {}  # its losses
 
-def stop_if_nonfinite(logs: dict[str, torch.Tensor], step: int, last: str, device: torch.device) -> None:
-    """FloatingPointError, on every process, if a loss of this iteration is not finite (one device sync), with the
-    values, a likely cause, and `last`, the last checkpoint actually written."""
-    if any_rank(not torch.isfinite(torch.stack([v.float() for v in logs.values()])).all().item(), device):
-        hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if "loss_dmd" in logs and not \
-            torch.isfinite(logs["loss_dmd"]) else ""
-        raise FloatingPointError(f"non-finite loss at iteration {step}: "
-                                 f"{ {k: round(v.item(), 4) for k, v in logs.items()} }{hint}; last good checkpoint: "
-                                 f"{last}")
+    def add(self, logs: dict[str, torch.Tensor], step: int) -> None:
+        values = {k: v.detach().float() for k, v in logs.items()}
+        bad = ~torch.isfinite(torch.stack(list(values.values()))).all()
+        step_t = torch.where(bad, float(step), float("inf"))
+        if self.first is None:
+            self.first, self.values = step_t, values
+            return
+        new = step_t < self.first
+        self.values = {k: torch.where(new, v, self.values[k]) if k in self.values else v for k, v in values.items()}
+        self.first = torch.minimum(self.first, step_t)
+
+    def check(self, last: str) -> None:
+        if self.first is None:
+            return
+        first = self.first.clone()
+        if dist.is_initialized():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if math.isfinite(first.item()):
+            logs = {k: round(v.item(), 4) for k, v in self.values.items()}
+            hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if not math.isfinite(
+                logs.get("loss_dmd", 0.0)) else ""
+            raise FloatingPointError(f"non-finite loss at iteration {int(first.item())}: {logs}{hint}; last good "
+                                     f"checkpoint: {last}")
 
 
 def nonfinite(row: dict) -> bool:

@@ -1,17 +1,22 @@
-"""diffusers' side of text-to-image DMD2 (SD v1.5, SDXL): what train_t2i.py and sample.py share.
+"""diffusers' side of text-to-image DMD2 (SD v1.5, SDXL, SD3 / SD3.5): what train_t2i.py and sample.py share.
 
     Base, load_base, encode_prompts, unconditional
-                          the pipeline's parts (UNet, VAE, text encoders, DDPM schedule) and the UNet's condition
-    EpsUNet, Net          an epsilon UNet (or one LoRA adapter on it) as a dmd2 denoiser, with its mid-block output
-                          as the GAN head's bottleneck; what dmd2 sees of a DDP / FSDP-wrapped network
+                          the pipeline's parts (UNet or SD3 transformer, VAE, text encoders, schedule) and conditions
+    Denoiser, Net         a UNet (epsilon) or SD3 transformer (velocity), or one LoRA adapter on it, as a dmd2
+                          denoiser, with its bottleneck for the GAN head; what dmd2 sees of a DDP / FSDP-wrapped one
     add_lora, use_adapter, checkpoint_as_run
                           peft LoRA adapters, switched per call without touching requires_grad
     wrap                  DDP over the trainable parameters, or FSDP2 (fully_shard) per block
     RealLatents           real images (with captions) as VAE latents, on the fly or cached
     trainable_state, load_trainable, optimizer_states
                           the checkpoint's weights and optimizer states (full state dicts under FSDP)
-    load_student, export  the student as users load it: a diffusers UNet, an fp16 state dict, LoRA weights
+    load_student, export  the student as users load it: a diffusers model, an fp16 state dict, LoRA weights
     teacher_pipeline      a stock diffusers pipeline around the loaded parts
+
+A family is "sd15", "sdxl" or "sd3" (read from the pipeline's model_index.json). Another flow transformer (FLUX,
+Wan) needs its own entries where "sd3" appears: its conditioning (`encode_prompts`), its call (`_call`), its LoRA
+targets and its pipeline class; the schedule (`dmd2.FlowSchedule`), the velocity -> x0 adapter, the bottleneck of
+the middle block and everything else stay as they are.
 """
 
 from __future__ import annotations
@@ -23,37 +28,50 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 import dmd2
 from support.data import CaptionedImages
-from support.runs import load_file, save_atomic
+from support.runs import load_file, save_atomic, stream_seed
 
-# LoRA on every attention, feed-forward, convolution and time projection of the UNet (the authors' target list)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+# LoRA on every attention, feed-forward, convolution and time projection of the UNet (the authors' target list); on
+# SD3's transformer, every attention and feed-forward projection of both streams (diffusers' SD3 LoRA targets + FFs)
+LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                         "time_emb_proj"],
+                "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                "ff_context.net.2"]}
+T5_TOKENS = 256  # SD3's max_sequence_length (its pipeline's default)
 
 # ----------------------------------------------------------------------------------------------------
-# The base model: UNet, VAE, text encoders and noise schedule, loaded with from_pretrained.
+# The base model: the denoising network, VAE, text encoders and noise schedule, loaded with from_pretrained.
 
 
 @dataclass
 class Base:
-    sdxl: bool
-    unet: UNet2DConditionModel  # the teacher's weights
+    family: str  # sd15 | sdxl | sd3
+    net: nn.Module | None  # the teacher's weights: UNet2DConditionModel, or SD3Transformer2DModel
     vae: AutoencoderKL
     tokenizers: list
-    text_encoders: list
-    schedule: dmd2.VPSchedule
+    text_encoders: list  # SD3: CLIP-L, CLIP-G and T5 (None when left out)
+    schedule: dmd2.Schedule  # VPSchedule (SD v1.5, SDXL) or FlowSchedule (SD3, shift 3)
+    joint_dim: int = 0  # SD3: the transformer's text width (T5's), also without T5
 
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
 
 
 def model_index(model: str) -> dict:
@@ -66,30 +84,56 @@ def model_index(model: str) -> dict:
         index = DiffusionPipeline.load_config(model)
     except Exception as e:  # a hub id that cannot be resolved
         raise ValueError(f"--model {model}: cannot load the pipeline config ({e})") from e
-    if "unet" not in index or "vae" not in index:
-        raise ValueError(f"--model {model}: not a UNet text-to-image pipeline ({index.get('_class_name')})")
+    if "vae" not in index or not ("unet" in index or index.get("transformer", [""])[-1] == "SD3Transformer2DModel"):
+        raise ValueError(f"--model {model}: not an SD v1.5, SDXL or SD3 pipeline ({index.get('_class_name')})")
     return index
 
 
-def load_base(model: str, device: torch.device, dtype: torch.dtype = torch.float32, unet: bool = True) -> Base:
-    """SDXL is recognised by its second text encoder; frozen parts are loaded in `dtype` without gradients."""
-    sdxl = "text_encoder_2" in model_index(model)
-    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"--model {model}: {scheduler.config.prediction_type} prediction is not supported (epsilon)")
-    names = ["", "_2"] if sdxl else [""]
-    encoders = [cls.from_pretrained(model, subfolder="text_encoder" + n, torch_dtype=dtype)
-                for cls, n in zip((CLIPTextModel, CLIPTextModelWithProjection), names, strict=False)]
-    return Base(sdxl=sdxl,
-                unet=load_unet(model, device, dtype) if unet else None,
+def family(model: str) -> str:
+    index = model_index(model)
+    return "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd15"
+
+
+def subfolder(fam: str) -> str:
+    return "transformer" if fam == "sd3" else "unet"
+
+
+def load_base(model: str, device: torch.device, dtype: torch.dtype = torch.float32, net: bool = True,
+              t5: bool = True) -> Base:
+    """The pipeline's parts; frozen ones in `dtype` without gradients. t5=False leaves SD3's T5 out (zeros in its
+    place, as diffusers' pipeline without text_encoder_3)."""
+    index = model_index(model)
+    fam = family(model)
+    if fam == "sd3":
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+        if scheduler.config.use_dynamic_shifting:
+            raise ValueError(f"--model {model}: a resolution-dependent (dynamic) timestep shift is not supported")
+        schedule: dmd2.Schedule = dmd2.FlowSchedule(scheduler.config.shift)
+    else:
+        scheduler = diffusers.DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+        if scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"--model {model}: {scheduler.config.prediction_type} prediction is not supported")
+        schedule = dmd2.VPSchedule(scheduler.alphas_cumprod)
+    names = {"sd15": [""], "sdxl": ["", "_2"], "sd3": ["", "_2", "_3"]}[fam]
+    if fam == "sd3" and not (t5 and (index.get("text_encoder_3") or [None])[0]):  # T5 left out, or saved without
+        names = names[:2]
+    classes = {"sd15": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
+               "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]}[fam]
+    encoders = [cls.from_pretrained(model, subfolder="text_encoder" + n, torch_dtype=dtype).to(device)
+                for cls, n in zip(classes, names, strict=False)]
+    config = diffusers.SD3Transformer2DModel.load_config(model, subfolder="transformer") if fam == "sd3" else {}
+    return Base(family=fam, net=load_net(model, device, dtype) if net else None,
                 vae=AutoencoderKL.from_pretrained(model, subfolder="vae").to(device).requires_grad_(False),
                 tokenizers=[AutoTokenizer.from_pretrained(model, subfolder="tokenizer" + n) for n in names],
-                text_encoders=[e.to(device).requires_grad_(False) for e in encoders],
-                schedule=dmd2.VPSchedule(scheduler.alphas_cumprod))
+                text_encoders=[e.requires_grad_(False) for e in encoders] + [None] * (fam == "sd3" and len(names) == 2),
+                schedule=schedule, joint_dim=config.get("joint_attention_dim", 0))
 
 
-def load_unet(model: str, device: torch.device, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
+def load_net(model: str, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The pipeline's denoising network: its UNet, or SD3's transformer."""
+    fam = family(model)
+    cls = diffusers.SD3Transformer2DModel if fam == "sd3" else diffusers.UNet2DConditionModel
+    return cls.from_pretrained(model, subfolder=subfolder(fam), torch_dtype=dtype).to(device)
 
 
 def time_ids(resolution: int, n: int, device: torch.device) -> torch.Tensor:
@@ -100,25 +144,33 @@ def time_ids(resolution: int, n: int, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(base: Base, prompts: list[str], resolution: int) -> dict[str, torch.Tensor]:
-    """The UNet's condition for a batch of prompts, one text-encoder call per encoder.
+    """The network's condition for a batch of prompts, one call per text encoder.
 
-    SD v1.5: the last hidden state of CLIP ViT-L. SDXL: the penultimate hidden states of both encoders,
-    concatenated, the pooled projection of the second, and time_ids."""
-    device = base.text_encoders[0].device
-    ids = [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids.to(device) for tok in base.tokenizers]
-    if not base.sdxl:
+    SD v1.5: the last hidden state of CLIP ViT-L. SDXL: the penultimate hidden states of both CLIP encoders,
+    concatenated, the pooled projection of the second, and time_ids. SD3: the penultimate states of CLIP-L and
+    CLIP-G concatenated and zero-padded to T5's width, then T5's 256 tokens (zeros without T5); pooled: both CLIPs'
+    projections."""
+    device = base.vae.device
+    ids = [tok(prompts, padding="max_length", max_length=tok.model_max_length if i < 2 else T5_TOKENS,
+               truncation=True, return_tensors="pt").input_ids.to(device) for i, tok in enumerate(base.tokenizers)]
+    if base.family == "sd15":
         return {"encoder_hidden_states": base.text_encoders[0](ids[0])[0].float()}
-    out = [enc(i, output_hidden_states=True) for enc, i in zip(base.text_encoders, ids, strict=True)]
-    return {"encoder_hidden_states": torch.cat([o.hidden_states[-2] for o in out], -1).float(),
-            "text_embeds": out[1].text_embeds.float(), "time_ids": time_ids(resolution, len(prompts), device)}
+    clip = [enc(i, output_hidden_states=True) for enc, i in zip(base.text_encoders[:2], ids, strict=False)]
+    states = torch.cat([o.hidden_states[-2] for o in clip], -1).float()
+    if base.family == "sdxl":
+        return {"encoder_hidden_states": states, "text_embeds": clip[1].text_embeds.float(),
+                "time_ids": time_ids(resolution, len(prompts), device)}
+    t5 = (base.text_encoders[2](ids[2])[0].float() if base.text_encoders[2] is not None else
+          torch.zeros(len(prompts), T5_TOKENS, base.joint_dim, device=device))
+    return {"encoder_hidden_states": torch.cat([F.pad(states, (0, base.joint_dim - states.shape[-1])), t5], 1),
+            "pooled_projections": torch.cat([o.text_embeds for o in clip], -1).float()}
 
 
 def unconditional(base: Base, resolution: int) -> dict[str, torch.Tensor]:
-    """The CFG branch, batch 1: SD v1.5 = the embedding of ""; SDXL = zero embeddings (its pipeline's
-    force_zeros_for_empty_prompt), with the same time_ids."""
+    """The CFG branch, batch 1: the embedding of "" (SD v1.5, SD3: their pipelines' negative prompt); SDXL: zero
+    embeddings (its pipeline's force_zeros_for_empty_prompt), with the same time_ids."""
     c = encode_prompts(base, [""], resolution)
-    return c if not base.sdxl else {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in c.items()}
+    return c if base.family != "sdxl" else {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in c.items()}
 
 
 def split(cond: dict[str, torch.Tensor], n: int) -> tuple[dict, dict]:
@@ -126,7 +178,8 @@ def split(cond: dict[str, torch.Tensor], n: int) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# A diffusers epsilon UNet as a dmd2 denoiser, x0 = (x_t - sigma_t eps) / alpha_t, and its bottleneck.
+# A diffusers network as a dmd2 denoiser, and its bottleneck. A UNet predicts epsilon: x0 = (x_t - sigma_t eps) /
+# alpha_t; SD3's transformer predicts the velocity eps - x at timestep 1000 sigma_t: x0 = x_t - sigma_t v.
 
 
 def lora_layers(module: nn.Module) -> list[nn.Module]:
@@ -175,54 +228,90 @@ def checkpoint_as_run(module: nn.Module, *args):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
+def is_transformer(net: nn.Module) -> bool:
+    return hasattr(net, "transformer_blocks")
+
+
+def _call(net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+    if is_transformer(net):  # SD3: encoder_hidden_states, pooled_projections
+        return net(hidden_states=x_t, timestep=time, **cond).sample
+    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+    return net(x_t, time, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added or None).sample
+
+
 class _Bottleneck(Exception):
     def __init__(self, h: torch.Tensor):
         self.h = h
 
 
-def mid_block_output(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    """The UNet's bottleneck [B, C, R, R] (App. F.1): its forward is stopped where the first up block would start,
-    so the decoder half never runs (and diffusers' forward is not copied)."""
+def bottleneck_features(net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The GAN head's features [B, C, R, R] (App. F.1): a UNet's mid-block output, or the image tokens entering the
+    transformer's middle block folded back to the latent grid (tokens are row-major over the patches). The forward
+    is stopped there, before anything after it runs (so gradient checkpointing never recomputes the stop)."""
+    stop_at = net.transformer_blocks[len(net.transformer_blocks) // 2] if is_transformer(net) else net.up_blocks[0]
 
     def stop(module, args, kwargs):
-        raise _Bottleneck(kwargs["hidden_states"])
+        raise _Bottleneck(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
-    hook = unet.up_blocks[0].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+    hook = stop_at.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
     try:
-        unet(x_t, t, **unet_inputs(cond))
+        _call(net, x_t, time, cond)
     except _Bottleneck as e:
-        return e.h
+        h = e.h
+    else:
+        raise RuntimeError("the network returned without reaching its bottleneck")
     finally:
         hook.remove()
-    raise RuntimeError("the UNet returned without reaching its first up block")
+    if is_transformer(net):  # [B, N, C] -> [B, C, H / p, W / p]
+        p = net.config.patch_size
+        h = h.transpose(1, 2).reshape(len(h), -1, x_t.shape[-2] // p, x_t.shape[-1] // p)
+    return h
 
 
-def unet_inputs(cond: dict) -> dict:
-    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-    return dict(encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added or None)
+def net_factor(config: dict) -> int:
+    """How much the denoising network shrinks the latent to its bottleneck: SD3's patch, or a UNet's downsampling."""
+    return config["patch_size"] if "patch_size" in config else 2 ** (len(config["down_block_types"]) - 1)
 
 
-class EpsUNet(nn.Module):
-    """dmd2's denoiser protocol over a diffusers UNet (optionally one LoRA adapter of it, or with its adapters
-    off). One forward with a `bottleneck` switch, so that DDP and FSDP see every pass of the critic."""
+def downsampling(model: str) -> int:
+    """Image pixels per bottleneck cell: the VAE's factor times the network's."""
+    vae = AutoencoderKL.load_config(model, subfolder="vae")
+    net = AutoencoderKL.load_config(model, subfolder=subfolder(family(model)))  # any model's config.json
+    return 2 ** (len(vae["block_out_channels"]) - 1) * net_factor(net)
+
+
+def bottleneck_shape(net: nn.Module, latent: int) -> tuple[int, int]:
+    """(channels, side) of `bottleneck_features` for a latent of side `latent`."""
+    c = net.config
+    channels = c.num_attention_heads * c.attention_head_dim if is_transformer(net) else c.block_out_channels[-1]
+    return channels, latent // net_factor(c)
+
+
+class Denoiser(nn.Module):
+    """dmd2's denoiser protocol over a diffusers UNet or SD3 transformer (optionally one LoRA adapter of it, or with
+    its adapters off). One forward with a `bottleneck` switch, so that DDP and FSDP see every pass of the critic."""
 
     autocast_on = ("cuda",)  # bf16 autocast on GPU only (the authors' fp16 diverged); CPU runs fp32
 
-    def __init__(self, unet: UNet2DConditionModel, schedule: dmd2.Schedule, adapter: str | None = None):
+    def __init__(self, net: nn.Module, schedule: dmd2.Schedule, adapter: str | None = None):
         super().__init__()
-        self.unet, self.schedule, self.adapter = unet, schedule, adapter
-        self.layers = lora_layers(unet)
+        self.net, self.schedule, self.adapter = net, schedule, adapter
+        self.layers = lora_layers(net)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, bottleneck: bool = False,
                 fp32: bool = False) -> torch.Tensor:
-        """x0 [B, 4, h, w] (or the bottleneck); fp32=True runs without autocast (the UNet's weights must be fp32)."""
-        dtype, on = self.unet.dtype, x_t.device.type in self.autocast_on and not fp32
+        """x0 [B, C, h, w] (or the bottleneck); fp32=True runs without autocast (the weights must be fp32)."""
+        dtype, on = self.net.dtype, x_t.device.type in self.autocast_on and not fp32
+        flow = isinstance(self.schedule, dmd2.FlowSchedule)
+        time = 1000 * self.schedule.sigma(t) if flow else t  # SD3's timestep is sigma in [0, 1000]
         cond = {k: v.to(dtype) for k, v in cond.items()}
         with use_adapter(self.layers, self.adapter), torch.autocast(x_t.device.type, torch.bfloat16, enabled=on):
             if bottleneck:
-                return mid_block_output(self.unet, x_t.to(dtype), t, cond).float()
-            eps = self.unet(x_t.to(dtype), t, **unet_inputs(cond)).sample
-        return self.schedule.eps_to_x0(x_t, eps, t)  # in float64 (dmd2)
+                return bottleneck_features(self.net, x_t.to(dtype), time, cond).float()
+            out = _call(self.net, x_t.to(dtype), time, cond)
+        if flow:
+            return self.schedule.velocity_to_x0(x_t, out, t)
+        return self.schedule.eps_to_x0(x_t, out, t)  # in float64 (dmd2)
 
 
 class Net:
@@ -245,29 +334,31 @@ class Net:
         return iter(self.params)
 
 
-def add_lora(unet: UNet2DConditionModel, name: str, rank: int, alpha: float) -> list[nn.Parameter]:
-    """A named peft LoRA adapter on the UNet's LORA_TARGETS; returns its (fp32) parameters."""
+def add_lora(net: nn.Module, name: str, rank: int, alpha: float) -> list[nn.Parameter]:
+    """A named peft LoRA adapter on the network's LORA_TARGETS; returns its (fp32) parameters."""
     from peft import LoraConfig
 
+    targets = LORA_TARGETS["transformer" if is_transformer(net) else "unet"]
     with warnings.catch_warnings():  # a second adapter on one base is the point of shared-lora
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS), name)
-    params = [p for n, p in unet.named_parameters() if f".{name}." in n]
+        net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), name)
+    params = [p for n, p in net.named_parameters() if f".{name}." in n]
     for p in params:  # fp32 adapters on a bf16 base: small lr updates survive
         p.data = p.data.float()
     return params
 
 
 def wrap(module: nn.Module, trainable: list[nn.Parameter], fsdp: bool, device: torch.device) -> nn.Module:
-    """DDP over exactly `trainable`; or FSDP2 (fully_shard) per transformer, per UNet block and at the root, so
-    that SDXL is gathered at most ~0.35B parameters at a time. (Resnets run inside gradient checkpointing, and
-    an FSDP unit there would be re-gathered under other requires_grad flags when recomputed.)"""
+    """DDP over exactly `trainable`; or FSDP2 (fully_shard) per transformer, per UNet block (per SD3 block) and at
+    the root, so that SDXL is gathered at most ~0.35B parameters at a time. (Resnets run inside gradient
+    checkpointing, and an FSDP unit there would be re-gathered under other requires_grad flags when recomputed.)"""
     if fsdp:
         from diffusers.models.transformers.transformer_2d import Transformer2DModel
         from torch.distributed.fsdp import fully_shard
 
-        unet = getattr(module, "unet", None)
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if unet is not None else []
+        net = getattr(module, "net", None)
+        blocks = [] if net is None else list(net.transformer_blocks) if is_transformer(net) else [
+            *net.down_blocks, net.mid_block, *net.up_blocks]
         for m in [m for b in blocks for m in b.modules() if isinstance(m, Transformer2DModel)]:
             fully_shard(m)
         for b in blocks:
@@ -287,8 +378,6 @@ def wrap(module: nn.Module, trainable: list[nn.Parameter], fsdp: bool, device: t
     return ddp
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
 # The three networks in each mode. Frozen parts: no gradient, no optimizer state, bf16 on GPU.
 
@@ -298,22 +387,22 @@ class Nets:
     G: Net
     fake: Net
     head: Net | None
-    teacher: EpsUNet
-    unets: dict  # name -> the unwrapped trainable UNet of G and of mu_fake (the same one in shared-lora)
+    teacher: Denoiser
+    models: dict  # name -> the unwrapped trainable network of G and of mu_fake (the same one in shared-lora)
     modules: dict  # name -> the wrapped modules whose parameters the optimizers hold ("G", "fake", "head")
 
 
 def build_nets(base: Base, device: torch.device, world: int, model: str, mode: str = "full", lora_rank: int = 64,
                lora_alpha: float = 8.0, gan: bool = False, resolution: int = 512, fsdp: bool = False,
-               grad_checkpointing: bool = True, seed: int = 0, new_unet=None) -> Nets:
+               grad_checkpointing: bool = True, seed: int = 0, new_net=None) -> Nets:
     """G and mu_fake as `mode` makes them (full: fp32 copies of the teacher; lora: G a LoRA adapter on the teacher,
     mu_fake a copy; shared-lora: both adapters on the teacher), the GAN head if `gan`, and the teacher; wrapped
-    for DDP (or FSDP2 when `fsdp`) when world > 1. new_unet() makes a trainable fp32 copy of the teacher
+    for DDP (or FSDP2 when `fsdp`) when world > 1. new_net() makes a trainable fp32 copy of the teacher
     (default: from_pretrained again)."""
-    new_unet = new_unet or (lambda: load_unet(model, device))
-    torch.manual_seed(seed)  # the same LoRA and head initialisation on every rank
-    teacher = base.unet.requires_grad_(False)  # loaded in bf16 on GPU
-    if mode == "full":  # three UNets: the teacher and fp32 trainable copies (Sec. 4.6: both start from it)
+    new_unet = new_net or (lambda: load_net(model, device))
+    torch.manual_seed(stream_seed(seed, "init"))  # the same LoRA and head initialisation on every rank
+    teacher = base.net.requires_grad_(False)  # loaded in bf16 on GPU
+    if mode == "full":  # three networks: the teacher and fp32 trainable copies (Sec. 4.6: both start from it)
         g_unet, f_unet = new_unet(), new_unet()
         g_params, f_params = list(g_unet.parameters()), list(f_unet.parameters())
         g_name = f_name = None
@@ -323,7 +412,7 @@ def build_nets(base: Base, device: torch.device, world: int, model: str, mode: s
         if mode == "lora":  # the authors' LoRA recipe: mu_fake is a full copy
             f_unet, f_name = new_unet(), None
             f_params = list(f_unet.parameters())
-        else:  # one UNet in memory: mu_fake is a second adapter
+        else:  # one network in memory: mu_fake is a second adapter
             f_unet, f_params, f_name = teacher, add_lora(teacher, "fake", lora_rank, lora_alpha), "fake"
         for p in g_params + f_params:
             p.requires_grad_(True)
@@ -331,12 +420,10 @@ def build_nets(base: Base, device: torch.device, world: int, model: str, mode: s
         for u in {id(g_unet): g_unet, id(f_unet): f_unet}.values():
             u.enable_gradient_checkpointing(checkpoint_as_run)
     sched = base.schedule
-    g_mod, f_mod, t_mod = EpsUNet(g_unet, sched, g_name), EpsUNet(f_unet, sched, f_name), EpsUNet(teacher, sched)
+    g_mod, f_mod, t_mod = Denoiser(g_unet, sched, g_name), Denoiser(f_unet, sched, f_name), Denoiser(teacher, sched)
     head, h_params = None, []
     if gan:
-        latent = resolution // base.vae_factor
-        head = dmd2.GANHead(f_unet.config.block_out_channels[-1],
-                            latent // 2 ** (len(f_unet.config.down_block_types) - 1)).to(device)
+        head = dmd2.GANHead(*bottleneck_shape(f_unet, resolution // base.vae_factor)).to(device)
         h_params = list(head.parameters())
     if world > 1:
         g_mod, f_mod = wrap(g_mod, g_params, fsdp, device), wrap(f_mod, f_params, fsdp, device)
@@ -349,7 +436,7 @@ def build_nets(base: Base, device: torch.device, world: int, model: str, mode: s
     # (shared-lora) has no fp32 weights to run with, and stays in bf16
     fake = Net(f_mod, f_params, fp32_no_grad=f_unet.dtype == torch.float32)
     return Nets(G=Net(g_mod, g_params), fake=fake, head=Net(head, h_params) if head else None, teacher=t_mod,
-                unets={"G": g_unet, "fake": f_unet}, modules={"G": g_mod, "fake": f_mod, "head": head})
+                models={"G": g_unet, "fake": f_unet}, modules={"G": g_mod, "fake": f_mod, "head": head})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,9 +445,10 @@ def build_nets(base: Base, device: torch.device, world: int, model: str, mode: s
 
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None):
-    """VAE latents, scaled by the VAE's scaling_factor as the UNet expects."""
+    """VAE latents, shifted (SD3's VAE) and scaled as the denoising network expects."""
     x = images.to(vae.device, vae.dtype)
-    return vae.encode(x).latent_dist.sample(generator).float() * vae.config.scaling_factor
+    z = vae.encode(x).latent_dist.sample(generator).float()
+    return (z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
 
 
 class RealLatents:
@@ -392,11 +480,11 @@ class RealLatents:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: the trainable weights (the whole UNet, or one adapter), the head and both optimizers.
+# Checkpoints: the trainable weights (the whole network, or one adapter), the head and both optimizers.
 
 
 def trainable_state(nets: Nets, fsdp: bool) -> dict:
-    """G's and mu_fake's trainable weights (the whole UNet, or one adapter) and the head, on CPU."""
+    """G's and mu_fake's trainable weights (the whole network, or one adapter) and the head, on CPU."""
     if fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -406,8 +494,8 @@ def trainable_state(nets: Nets, fsdp: bool) -> dict:
     for k, net in (("G", nets.G), ("fake", nets.fake), ("head", nets.head)):
         if net is not None:
             mine = {id(p) for p in net.params}
-            module = nets.unets.get(k) or getattr(net.module, "module", net.module)  # unwrap DDP
-            prefix = "unet." if k in nets.unets else ""  # the same keys as EpsUNet / FSDP state dicts
+            module = nets.models.get(k) or getattr(net.module, "module", net.module)  # unwrap DDP
+            prefix = "net." if k in nets.models else ""  # the same keys as Denoiser / FSDP state dicts
             out[k] = {prefix + n: p.detach().cpu().clone() for n, p in module.named_parameters() if id(p) in mine}
     return out
 
@@ -423,9 +511,9 @@ def load_trainable(nets: Nets, state: dict, fsdp: bool) -> None:
         return
     for k, net in (("G", nets.G), ("fake", nets.fake), ("head", nets.head)):
         if net is not None and k in state:
-            module = nets.unets.get(k) or getattr(net.module, "module", net.module)  # unwrap DDP
+            module = nets.models.get(k) or getattr(net.module, "module", net.module)  # unwrap DDP
             mine = {n for n, p in module.named_parameters() if any(p is q for q in net.params)}
-            values = {n.removeprefix("unet.") if k in nets.unets else n: v for n, v in state[k].items()}
+            values = {n.removeprefix("net.") if k in nets.models else n: v for n, v in state[k].items()}
             if set(values) != mine:
                 raise ValueError(f"the checkpoint's {k} weights do not fit this run (--mode, --lora-rank, --model?)")
             module.load_state_dict(values, strict=False)
@@ -463,11 +551,9 @@ def find_checkpoint(path: str) -> Path:
     return p
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
-# The student as users load it: a diffusers UNet (LoRA fused), an fp16 state dict like the released DMD2
-# weights, and LoRA weights for `pipe.load_lora_weights`.
+# The student as users load it: a diffusers UNet or transformer (LoRA fused), an fp16 state dict like the
+# released DMD2 weights, and LoRA weights for `pipe.load_lora_weights`.
 
 
 def student_timesteps(steps: int, conditioning_timestep: int) -> list[int]:
@@ -476,19 +562,19 @@ def student_timesteps(steps: int, conditioning_timestep: int) -> list[int]:
     return [conditioning_timestep] if steps == 1 else dmd2.step_timesteps(steps)
 
 
-def load_student(ckpt: dict, device: torch.device, dtype: torch.dtype = torch.float32,
-                 fuse: bool = True) -> UNet2DConditionModel:
-    """The generator's UNet from a train_t2i.py checkpoint. A LoRA generator is fused into the base weights and
-    peft's layers removed (fuse=True), so the UNet is the student however it is called (a UNet whose peft layers
+def load_student(ckpt: dict, device: torch.device, dtype: torch.dtype = torch.float32, fuse: bool = True) -> nn.Module:
+    """The generator's network from a train_t2i.py checkpoint. A LoRA generator is fused into the base weights and
+    peft's layers removed (fuse=True), so the network is the student however it is called (one whose peft layers
     are switched off, as the teacher's are, would run as the teacher); fuse=False keeps it as adapter "generator"."""
     c = ckpt["config"]
-    unet, lora = load_unet(c["model"], torch.device("cpu")), c["mode"] != "full"
+    unet, lora = load_net(c["model"], torch.device("cpu")), c["mode"] != "full"
     if lora:
         add_lora(unet, "generator", c["lora_rank"], c["lora_alpha"])
-    state = {k.removeprefix("unet."): v for k, v in ckpt["nets"]["G"].items()}
-    missing, unexpected = unet.load_state_dict(state, strict=not lora)
-    if unexpected or any("generator" in k for k in missing):
-        raise ValueError(f"checkpoint weights do not fit {c['model']}'s UNet")
+    state = {k.removeprefix("net."): v for k, v in ckpt["nets"]["G"].items()}
+    missing, unexpected = unet.load_state_dict(state, strict=False)  # checkpoints hold parameters, not buffers
+    params = dict(unet.named_parameters())
+    if unexpected or any(k in params and (not lora or "generator" in k) for k in missing):
+        raise ValueError(f"checkpoint weights do not fit {c['model']}'s {subfolder(family(c['model']))}")
     if lora and fuse:
         unet.fuse_lora(adapter_names=["generator"])
         unet.unload_lora()
@@ -497,8 +583,8 @@ def load_student(ckpt: dict, device: torch.device, dtype: torch.dtype = torch.fl
 
 
 def export(run: str, out: str | None = None) -> Path:
-    """RUN/export/: unet/ (diffusers), dmd2_<model>_<N>step_unet_fp16.bin, pytorch_lora_weights.safetensors
-    (LoRA runs) and dmd2.json (base model and timesteps, for sample.py)."""
+    """RUN/export/: unet/ or transformer/ (diffusers), dmd2_<family>_<N>step_<unet|transformer>_fp16.bin,
+    pytorch_lora_weights.safetensors (LoRA runs) and dmd2.json (base model and timesteps, for sample.py)."""
     from peft.utils import get_peft_model_state_dict
 
     path = find_checkpoint(run)
@@ -507,50 +593,56 @@ def export(run: str, out: str | None = None) -> Path:
     out = Path(out or path.parent / "export")
     out.mkdir(parents=True, exist_ok=True)
     unet = load_student(ckpt, torch.device("cpu"), fuse=False)
-    sdxl = "text_encoder_2" in model_index(c["model"])
+    fam = family(c["model"])
     if c["mode"] != "full":
         lora = get_peft_model_state_dict(unet, adapter_name="generator")
         # the alpha / r scale is folded into lora_B, so any diffusers version loads it at scale 1
         lora = {k: v * (c["lora_alpha"] / c["lora_rank"]) if "lora_B" in k else v for k, v in lora.items()}
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
-            str(out), unet_lora_layers={k: v.contiguous() for k, v in lora.items()})
+        PIPELINES[fam].save_lora_weights(str(out), **{f"{subfolder(fam)}_lora_layers": {k: v.contiguous()
+                                                                                       for k, v in lora.items()}})
         unet.fuse_lora(adapter_names=["generator"])
         unet.unload_lora()
-    unet.save_pretrained(str(out / "unet"))
-    name = f"dmd2_{'sdxl' if sdxl else 'sd15'}_{c['steps']}step_unet_fp16.bin"
+    unet.save_pretrained(str(out / subfolder(fam)))
+    name = f"dmd2_{fam}_{c['steps']}step_{subfolder(fam)}_fp16.bin"
     save_atomic({k: v.half() for k, v in unet.state_dict().items()}, out / name)
     meta = {"kind": "text-to-image", "model": c["model"], "resolution": c["resolution"], "preset": c["preset"],
             "timesteps": student_timesteps(c["steps"], c["conditioning_timestep"]), "mode": c["mode"],
-            "step": ckpt["step"]}
+            "step": ckpt["step"], "t5": c.get("t5", True)}
     (out / "dmd2.json").write_text(json.dumps(meta, indent=1))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
-# LPIPS regression warm-up of a one-step generator (App. F.4): a short regression onto teacher samples of the
-# same noise, against SDXL one-step block-noise artefacts, before distribution matching.
+# Stock diffusers pipelines around the loaded parts (the LPIPS warm-up's teacher pairs, LoRA files in sample.py).
+
+PIPELINES = {"sd15": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
+             "sd3": diffusers.StableDiffusion3Pipeline}
 
 
 def teacher_pipeline(base: Base, model: str):
-    """A stock diffusers pipeline around our loaded parts, with the Euler sampler ("trailing" spacing)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A stock pipeline of the family around our loaded parts: the Euler sampler ("trailing" spacing) for UNets,
+    the model's own flow-matching Euler scheduler for SD3."""
+    fam = base.family
+    sched = (diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler") if fam == "sd3"
+             else diffusers.EulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler",
+                                                                   timestep_spacing="trailing"))
+    parts = {subfolder(fam): base.net, "vae": base.vae, "scheduler": sched}
+    for i, (enc, tok) in enumerate(zip(base.text_encoders, base.tokenizers + [None], strict=False)):
+        parts |= {f"text_encoder{'_' + str(i + 1) if i else ''}": enc, f"tokenizer{'_' + str(i + 1) if i else ''}": tok}
+    if fam == "sd15":
+        parts |= dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return PIPELINES[fam](**parts)
 
-    sched = EulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", timestep_spacing="trailing")
-    parts = dict(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
-                 scheduler=sched)
-    if base.sdxl:
-        return StableDiffusionXLPipeline(**parts, text_encoder_2=base.text_encoders[1], tokenizer_2=base.tokenizers[1])
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-
+def to_pixels(vae: AutoencoderKL, x0: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1], the inverse of `encode_images` (differentiable: the LPIPS warm-up)."""
+    c = vae.config
+    return vae.decode(x0.to(vae.dtype) / c.scaling_factor + (c.get("shift_factor") or 0.0)).sample.float()
 
 
 @torch.no_grad()
 def decode(base: Base, x0: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1]."""
-    img = base.vae.decode(x0.to(base.vae.dtype) / base.vae.config.scaling_factor).sample
-    return (img.float() / 2 + 0.5).clamp(0, 1)
+    return (to_pixels(base.vae, x0) / 2 + 0.5).clamp(0, 1)
 
 

@@ -5,7 +5,7 @@
     Classifier        the evaluation network of labelled data: 64-d features (Frechet distance, KID) and logits
     small_setup       the run folder's cached (or newly trained) teacher and classifier, and the feature spaces
     reference         the held-out images' features, and the floor: training images scored like samples
-    teacher_metrics   the teacher with EDM's Euler sampler at 4 and 8 NFE, Heun at 35 NFE
+    teacher_metrics   the teacher with EDM's Euler sampler at 4 and 8 NFE, Heun at 35 NFE (flow: Euler)
     ablation          Tables 3 and 4 at small scale: variants x seeds, mean and spread
 """
 
@@ -25,8 +25,8 @@ from tqdm import tqdm
 import dmd2
 from support import metrics
 from support.data import ImageDataset
-from support.edm import EDMDenoiser, Precond, small_unet, teacher_sampler
-from support.runs import barrier, ema_update, is_main, load_file, save_atomic
+from support.edm import EDMDenoiser, make_schedule, small_unet, teacher_sampler
+from support.runs import barrier, ema_update, is_main, load_file, save_atomic, stream_seed
 
 TRAIN_SIZE = 4000  # MNIST digits in the training split (the other 1,000 are held out for evaluation)
 
@@ -48,7 +48,7 @@ def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[torch.Tensor, ...]:
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(stream_seed(0, "split")))
     return x[perm[:n_train]], y[perm[:n_train]], x[perm[n_train:]], y[perm[n_train:]]
 
 
@@ -68,21 +68,24 @@ def own_images(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 # ----------------------------------------------------------------------------------------------------
 # The small teacher: EDM's training recipe (Karras et al. 2022, Sec. 5): denoising loss with lambda(sigma),
-# ln(sigma) ~ N(-1.2, 1.2^2) (here rounded to the nearest point of the 1000-step Karras grid), an EMA.
+# ln(sigma) ~ N(-1.2, 1.2^2) (here rounded to the nearest point of the 1000-step Karras grid), an EMA. A flow
+# teacher: SD3's recipe (Esser et al. 2024): the flow-matching loss, u = sigmoid(N(0, 1)) (logit-normal).
 
 
-def lognormal_timesteps(n: int, schedule: dmd2.EDMSchedule, generator: torch.Generator, device) -> torch.Tensor:
-    sigma = torch.exp(torch.randn(n, generator=generator, device=device) * 1.2 - 1.2)
-    grid = schedule.sigmas.to(device=device, dtype=torch.float32)
+def training_timesteps(n: int, schedule: dmd2.Schedule, generator: torch.Generator, device) -> torch.Tensor:
+    z = torch.randn(n, generator=generator, device=device)
+    if isinstance(schedule, dmd2.FlowSchedule):  # the grid index of u (sigma_t = (t + 1) / T without a shift)
+        return (torch.sigmoid(z) * schedule.T).long().clamp(0, schedule.T - 1)
+    sigma, grid = torch.exp(z * 1.2 - 1.2), schedule.sigmas.to(device=device, dtype=torch.float32)
     return torch.searchsorted(grid, sigma.clamp(grid[0], grid[-1])).clamp(0, schedule.T - 1)
 
 
 def train_teacher(x: torch.Tensor, y: torch.Tensor, label_dim: int, resolution: int, channels: int, iters: int,
-                  batch: int, lr: float, seed: int, device: torch.device) -> Precond:
-    """The EMA of a small ADM UNet trained on (x, y); x in [-1, 1], [N, C, R, R]."""
-    torch.manual_seed(seed)
-    schedule, gen = dmd2.EDMSchedule(), torch.Generator(device).manual_seed(seed)
-    net = small_unet(resolution, channels, label_dim, x.shape[1]).to(device)
+                  batch: int, lr: float, seed: int, device: torch.device, schedule: str = "edm") -> nn.Module:
+    """The EMA of a small ADM UNet trained on (x, y); x in [-1, 1], [N, C, R, R]; schedule "edm" or "flow"."""
+    torch.manual_seed(stream_seed(seed, "teacher init"))
+    net = small_unet(resolution, channels, label_dim, x.shape[1], schedule == "flow").to(device)
+    schedule, gen = make_schedule(schedule), torch.Generator(device).manual_seed(stream_seed(seed, "teacher"))
     ema = copy.deepcopy(net).requires_grad_(False)
     den = EDMDenoiser(net, schedule, label_dim)
     opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
@@ -90,7 +93,7 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, label_dim: int, resolution: 
     x, y = x.to(device), y.to(device)
     for step in tqdm(range(iters), desc="teacher", disable=not is_main()):
         idx = torch.randint(0, len(x), (batch,), generator=gen, device=device)
-        t = lognormal_timesteps(len(idx), schedule, gen, device)
+        t = training_timesteps(len(idx), schedule, gen, device)
         loss = dmd2.denoising_loss(x[idx], den, schedule, y[idx], t=t, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,10 +124,10 @@ class Classifier(nn.Module):
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, classes: int,
                      seed: int, steps: int = 800) -> tuple[Classifier, float]:
-    torch.manual_seed(seed)
+    torch.manual_seed(stream_seed(seed, "classifier init"))
     clf = Classifier(x.shape[-1], classes, in_channels=x.shape[1])
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3, foreach=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(stream_seed(seed, "classifier"))
     for _ in tqdm(range(steps), desc="classifier", disable=not is_main()):
         idx = torch.randint(0, len(x), (min(128, len(x)),), generator=gen)
         shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # +-1 px shifts
@@ -173,7 +176,7 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
     """Images (MNIST, or `data`), the cached (or newly trained) small teacher, and the feature spaces of the
     evaluation: the small classifier's (labelled data) and Inception's through clean-fid (`inception`).
 
-    recipe: the teacher's, dict(resolution, channels, iters, batch, lr, seed); with `data` it is the cache key."""
+    recipe: the teacher's, dict(resolution, channels, iters, batch, lr, seed, schedule); with `data`, the cache key."""
     t = time.time()
     if data is None:
         x_tr, y_tr, x_te, y_te, classes = (*mnist_digits(recipe["resolution"]), 10)
@@ -190,14 +193,15 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; or evaluate in the small classifier's features only (labelled images): "
                                     f"--no-inception") from None
-    path, key = os.path.join(out, "teacher.pt"), dict(recipe, **({"data": os.path.abspath(data)} if data else {}))
-    net = small_unet(recipe["resolution"], recipe["channels"], classes, x_tr.shape[1])
-    cached, timings["teacher_s"] = _cached(path, "cached teacher (teacher.pt)", key), 0.0
+    teacher_key = dict(recipe, **({"data": os.path.abspath(data)} if data else {}))
+    path = os.path.join(out, "teacher.pt")
+    net = small_unet(recipe["resolution"], recipe["channels"], classes, x_tr.shape[1], recipe["schedule"] == "flow")
+    cached, timings["teacher_s"] = _cached(path, "cached teacher (teacher.pt)", teacher_key), 0.0
     if cached is None:
         if is_main():
             t = time.time()
             trained = train_teacher(x_tr, y_tr, classes, device=device, **recipe).cpu()
-            save_atomic(dict(key=key, net=trained.state_dict()), path)
+            save_atomic(dict(key=teacher_key, net=trained.state_dict()), path)
             timings["teacher_s"] = round(time.time() - t, 1)
         barrier()
         cached = load_file(path, "cached teacher (teacher.pt)")
@@ -227,7 +231,7 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
             feats[name], logits = (out_ if name == "classifier" else (out_, logits))
         return feats, logits
 
-    return dict(teacher=net.eval().to(device), teacher_key=key, classifier_accuracy=clf_acc, real=(x_tr, y_tr),
+    return dict(teacher=net.eval().to(device), teacher_key=teacher_key, classifier_accuracy=clf_acc, real=(x_tr, y_tr),
                 test=(x_te, y_te), channels=x_tr.shape[1], label_dim=classes, extractor=extractor)
 
 
@@ -261,18 +265,20 @@ def reference(setup: dict, n: int, device: torch.device) -> tuple[dict, dict]:
 
 
 def teacher_metrics(out: str, setup: dict, n: int, score) -> dict:
-    """The teacher with EDM's Euler sampler at 4 and 8 NFE and its Heun sampler at 35 NFE (EDM's 18 steps),
-    scored by `score(sample_fn)`. Cached in the run folder (`teacher_metrics.json`): it depends only on the
-    teacher and the number of samples."""
-    path = os.path.join(out, "teacher_metrics.json")
-    key = dict(setup["teacher_key"], n=n, metrics="fd+kid", samplers="euler 4, euler 8, heun 35")
+    """The teacher with EDM's Euler sampler at 4 and 8 NFE and its Heun sampler at 35 NFE (EDM's 18 steps; a flow
+    teacher: Euler at all three), scored by `score(sample_fn)`. Cached in the run folder (`teacher_metrics.json`):
+    it depends only on the teacher and the number of samples."""
+    path, flow = os.path.join(out, "teacher_metrics.json"), setup["teacher_key"]["schedule"] == "flow"
+    samplers = ((4, False), (8, False), (35, not flow))
+    key = dict(setup["teacher_key"], n=n, metrics="fd+kid",
+               samplers=", ".join(f"{'heun' if heun else 'euler'} {nfe}" for nfe, heun in samplers))
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
         if cached["key"] == key:
             return cached["metrics"]
-    results = {str(nfe): score(teacher_sampler(setup["teacher"], setup["label_dim"], nfe, heun)) |
-               dict(sampler="heun" if heun else "euler", nfe=nfe) for nfe, heun in ((4, False), (8, False), (35, True))}
+    results = {str(nfe): score(teacher_sampler(setup["teacher"], setup["label_dim"], nfe, heun, flow)) |
+               dict(sampler="heun" if heun else "euler", nfe=nfe) for nfe, heun in samplers}
     if is_main():
         with open(path, "w") as f:
             json.dump(dict(key=key, metrics=results), f, indent=1)

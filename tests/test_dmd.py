@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import dmd2
 from helpers import Counter, GaussianMixture, TinyCritic
 
-SCHEDULES = {"edm": dmd2.EDMSchedule(), "vp": dmd2.VPSchedule()}
+SCHEDULES = {"edm": dmd2.EDMSchedule(), "vp": dmd2.VPSchedule(), "flow": dmd2.FlowSchedule(3.0)}
 
 
 def _gaussian_setup(which, seed, dim=4, n=64):
@@ -22,7 +22,7 @@ def _gaussian_setup(which, seed, dim=4, n=64):
     return sch, real, fake, x, t, noise
 
 
-@pytest.mark.parametrize("which", ["edm", "vp"])
+@pytest.mark.parametrize("which", ["edm", "vp", "flow"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dmd_gradient_gaussian_closed_form(which, seed):
     sch, real, fake, x, t, noise = _gaussian_setup(which, seed)
@@ -52,7 +52,7 @@ def test_descending_dmd_loss_moves_fake_samples_toward_real():
 
 
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["edm", "vp"]), n=st.integers(1, 6))
+@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["edm", "vp", "flow"]), n=st.integers(1, 6))
 def test_dmd_gradient_zero_when_fake_equals_real(seed, which, n):
     sch = SCHEDULES[which]
     gmm = GaussianMixture([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0]], [0.3, 0.6])

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import dmd2
 
-EDM, VP = dmd2.EDMSchedule(), dmd2.VPSchedule()
+EDM, VP, FLOW = dmd2.EDMSchedule(), dmd2.VPSchedule(), dmd2.FlowSchedule(3.0)
 
 
 def test_edm_grid_endpoints_and_order():
@@ -57,13 +57,13 @@ def test_loss_weights():
 
 @settings(deadline=None, max_examples=40)
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1),
-       which=st.sampled_from(["edm", "vp"]))
+       which=st.sampled_from(["edm", "vp", "flow"]))
 def test_eps_x0_round_trip(shape, seed, which):
-    sch = EDM if which == "edm" else VP
+    sch = {"edm": EDM, "vp": VP, "flow": FLOW}[which]
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=g)
     eps = torch.randn(shape, generator=g)
-    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    t = torch.randint(0, 999 if which == "flow" else 1000, (shape[0],), generator=g)  # flow: alpha 0 at 999
     x_t = sch.add_noise(x0, eps, t)
     torch.testing.assert_close(sch.eps_to_x0(x_t, eps, t), x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(sch.x0_to_eps(x_t, x0, t), eps, atol=1e-4, rtol=1e-4)
@@ -73,7 +73,7 @@ def test_eps_x0_round_trip(shape, seed, which):
     torch.testing.assert_close(x_t.double(), a * x0.double() + s * eps.double(), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sch", [EDM, VP], ids=["edm", "vp"])
+@pytest.mark.parametrize("sch", [EDM, VP, FLOW], ids=["edm", "vp", "flow"])
 @pytest.mark.parametrize("t", [0, 300, 999])
 def test_add_noise_moments(sch, t):
     g = torch.Generator().manual_seed(t)
@@ -89,3 +89,69 @@ def test_lookup_broadcasts_over_any_rank():
     t = torch.tensor([3, 999])
     for shape in [(2,), (2, 5), (2, 3, 4, 4), (2, 1, 2, 3, 4)]:
         assert EDM.sigma(t, torch.zeros(shape)).shape == (2,) + (1,) * (len(shape) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rectified flow (SD3): x_t = (1 - sigma) x + sigma eps on a shifted grid, velocity v = eps - x
+
+
+def _shift(s, u):  # SD3's timestep shift, written out
+    return s * u / (1 + (s - 1) * u)
+
+
+@settings(deadline=None, max_examples=40)
+@given(shift=st.floats(0.2, 12.0), T=st.integers(2, 3000))
+def test_flow_grid_endpoints_and_monotone_snr(shift, T):
+    s = dmd2.FlowSchedule(shift, T)
+    assert s.T == T and s.sigmas[-1].item() == 1.0 and s.alphas[-1].item() == 0.0, "pure noise at the last index"
+    assert s.sigmas[0].item() == pytest.approx(_shift(shift, 1 / T), rel=1e-12)
+    assert ((s.alphas + s.sigmas) == 1).all() and (s.sigmas > 0).all() and (s.alphas >= 0).all()
+    snr = s.alphas**2 / s.sigmas**2
+    assert (snr[1:] < snr[:-1]).all(), "SNR strictly decreasing in t"
+
+
+@settings(deadline=None, max_examples=40)
+@given(a=st.floats(0.2, 8.0), b=st.floats(0.2, 8.0), T=st.integers(2, 2000))
+def test_flow_shift_is_a_group(a, b, T):
+    """shift_a(shift_b(u)) = shift_ab(u): shifting a grid by a and by b is shifting it by a b; shift 1 is none."""
+    np.testing.assert_allclose(_shift(a, dmd2.FlowSchedule(b, T).sigmas.numpy()),
+                               dmd2.FlowSchedule(a * b, T).sigmas.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(dmd2.FlowSchedule(1.0, T).sigmas.numpy(), np.arange(1, T + 1) / T, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("T", [1000, 64])
+def test_flow_grid_is_diffusers_table(shift, T):
+    """Our ascending table is diffusers' FlowMatchEulerDiscreteScheduler(shift).sigmas at init, flipped; and the
+    student's steps are what the scheduler makes of the UNSHIFTED sigmas 1, 0.75, 0.5, 0.25 (it shifts them)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
+    ours = dmd2.FlowSchedule(shift, T)
+    np.testing.assert_allclose(ours.sigmas.numpy(), sch.sigmas.flip(0).double().numpy(), rtol=2e-6)
+    np.testing.assert_allclose(T * ours.sigmas.numpy(), sch.timesteps.flip(0).double().numpy(), rtol=2e-6)
+    steps = dmd2.step_timesteps(4, T)
+    sch.set_timesteps(sigmas=[1 - i / 4 for i in range(4)])
+    np.testing.assert_allclose(ours.sigmas[steps].numpy(), sch.sigmas[:4].double().numpy(), rtol=2e-6)
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 2**31 - 1), shift=st.floats(0.5, 6.0))
+def test_flow_velocity_and_loss(seed, shift):
+    """x0 = x_t - sigma v recovers x, at every t (finite at sigma 1); the denoising loss with the flow's weight
+    is the flow-matching loss |v_pred - (eps - x)|^2 of a velocity network."""
+    sch, g = dmd2.FlowSchedule(shift), torch.Generator().manual_seed(seed)
+    x, eps = torch.randn(6, 3, 2, 2, generator=g), torch.randn(6, 3, 2, 2, generator=g)
+    t = torch.cat([torch.randint(0, 999, (5,), generator=g), torch.tensor([999])])
+    x_t = sch.add_noise(x, eps, t)
+    torch.testing.assert_close(sch.velocity_to_x0(x_t, eps - x, t), x, atol=1e-5, rtol=1e-5)
+    w = torch.randn(3, generator=g)  # a "network": v = w * x_t (per channel)
+    def velocity(x_t):
+        return w[None, :, None, None] * x_t
+    loss = dmd2.denoising_loss(x, lambda x_t, t, c: sch.velocity_to_x0(x_t, velocity(x_t), t), sch, t=t, noise=eps)
+    torch.testing.assert_close(loss, (velocity(x_t) - (eps - x)).pow(2).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_flow_rejects_a_bad_shift():
+    with pytest.raises(ValueError, match="shift"):
+        dmd2.FlowSchedule(0.0)

@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 import dmd2
 from helpers import Counter, GaussianMixture
 
-SCHEDULES = {"edm": dmd2.EDMSchedule(), "vp": dmd2.VPSchedule()}
+SCHEDULES = {"edm": dmd2.EDMSchedule(), "vp": dmd2.VPSchedule(), "flow": dmd2.FlowSchedule(3.0)}
 
 
 @settings(deadline=None, max_examples=30)
-@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["edm", "vp"]), dim=st.integers(1, 6),
+@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["edm", "vp", "flow"]), dim=st.integers(1, 6),
        k=st.integers(1, 3))
 def test_eq1_is_the_exact_score_of_a_gaussian_mixture(seed, which, dim, k):
     # Eq. (1) applied to the exact posterior mean must equal grad log p_t from autograd of the density.

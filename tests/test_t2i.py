@@ -11,16 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    DDPMScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tiny_pipelines import tiny_sd15, tiny_sdxl, write_image_folder
+from tiny_pipelines import write_image_folder
 
 import dmd2
 import sample
 import train_t2i as T
-from support import sd
+from support import runs, sd
 from support.data import CaptionedImages
 
 
@@ -33,19 +39,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipes")
-    return {"sd15": str(tiny_sd15(root / "sd15")), "sdxl": str(tiny_sdxl(root / "sdxl"))}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "prompts.txt").write_text("a cat\nthe dog and a cat\nred car\nblue sky\n")
-    return {"prompts": str(root / "prompts.txt"), "real": str(write_image_folder(root / "real", 6))}
-
-
 def _cond(base, prompts=("a cat", "the dog")):
     return sd.encode_prompts(base, list(prompts), 32)
 
@@ -55,23 +48,23 @@ def _cond(base, prompts=("a cat", "the dog")):
 
 
 def test_sd15_condition_is_the_pipelines(pipes):
-    base = sd.load_base(pipes["sd15"], torch.device("cpu"), unet=False)
+    base = sd.load_base(pipes["sd15"], torch.device("cpu"), net=False)
     pipe = StableDiffusionPipeline.from_pretrained(pipes["sd15"])
     cond, neg = pipe.encode_prompt(["a cat", "the dog"], "cpu", 1, True)  # negative: embedding of ""
     c, u = _cond(base), sd.unconditional(base, 32)
-    assert not base.sdxl and set(c) == set(u) == {"encoder_hidden_states"}
+    assert base.family == "sd15" and set(c) == set(u) == {"encoder_hidden_states"}
     torch.testing.assert_close(c["encoder_hidden_states"], cond)
     torch.testing.assert_close(u["encoder_hidden_states"], neg[:1])
     assert u["encoder_hidden_states"].abs().sum() > 0, "SD v1.5's uncond is the embedding of '', not zeros"
 
 
 def test_sdxl_condition_is_the_pipelines(pipes):
-    base = sd.load_base(pipes["sdxl"], torch.device("cpu"), unet=False)
+    base = sd.load_base(pipes["sdxl"], torch.device("cpu"), net=False)
     pipe = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"])
     cond, neg, pooled, neg_pooled = pipe.encode_prompt(["a cat", "the dog"], device="cpu", num_images_per_prompt=1,
                                                        do_classifier_free_guidance=True)
     c, u = _cond(base), sd.unconditional(base, 32)
-    assert base.sdxl and c["encoder_hidden_states"].shape == (2, 16, 64)  # penultimate states of both encoders
+    assert base.family == "sdxl" and c["encoder_hidden_states"].shape == (2, 16, 64)  # penultimate states of both
     torch.testing.assert_close(c["encoder_hidden_states"], cond)
     torch.testing.assert_close(c["text_embeds"], pooled)
     ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=32)
@@ -84,10 +77,10 @@ def test_sdxl_condition_is_the_pipelines(pipes):
 
 def test_denoiser_is_x0_from_epsilon_and_bottleneck_is_mid_block(pipes):
     base = sd.load_base(pipes["sdxl"], torch.device("cpu"))
-    unet, c = base.unet, _cond(base)
+    unet, c = base.net, _cond(base)
     g = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 10])
-    abar = sd.DDPMScheduler.from_pretrained(pipes["sdxl"], subfolder="scheduler").alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = DDPMScheduler.from_pretrained(pipes["sdxl"], subfolder="scheduler").alphas_cumprod[t].view(-1, 1, 1, 1)
     added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
     with torch.no_grad():
         eps = unet(x_t, t, c["encoder_hidden_states"], added_cond_kwargs=added).sample
@@ -95,7 +88,7 @@ def test_denoiser_is_x0_from_epsilon_and_bottleneck_is_mid_block(pipes):
         h = unet.mid_block.register_forward_hook(lambda m, a, o: mid.append(o))
         unet(x_t, t, c["encoder_hidden_states"], added_cond_kwargs=added)
         h.remove()
-        net = sd.EpsUNet(unet, base.schedule)
+        net = sd.Denoiser(unet, base.schedule)
         torch.testing.assert_close(net(x_t, t, c), (x_t - (1 - abar).sqrt() * eps) / abar.sqrt(), atol=1e-4,
                                    rtol=1e-4)
         hooks = [m.register_forward_hook(lambda m, a, o: ups.append(1)) for m in (*unet.up_blocks, unet.conv_out)]
@@ -110,8 +103,8 @@ def test_teacher_guidance_is_one_batched_call(pipes):
     base = sd.load_base(pipes["sdxl"], torch.device("cpu"))
     c, u = _cond(base), sd.unconditional(base, 32)
     seen = []
-    base.unet.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
-    teacher, w = sd.EpsUNet(base.unet, base.schedule), 8.0
+    base.net.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+    teacher, w = sd.Denoiser(base.net, base.schedule), 8.0
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 700])
     with torch.no_grad():
         out = dmd2.guided(teacher, w, u)(x_t, t, c)
@@ -183,8 +176,9 @@ def test_forward_noised_real_input_ablation():
 
 
 def _three_ways(pipe, shared, checkpointing="ours"):
-    cfg, sch = T.Config(lora_rank=4, lora_alpha=2.0), dmd2.VPSchedule()
-    unet0 = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet").requires_grad_(False)
+    sd3 = sd.family(pipe) == "sd3"
+    cfg, sch = T.Config(lora_rank=4, lora_alpha=2.0), dmd2.FlowSchedule(3.0) if sd3 else dmd2.VPSchedule()
+    unet0 = sd.load_net(pipe, torch.device("cpu")).requires_grad_(False)
 
     def lora(u, name, seed):  # random non-zero adapters, equal in both set-ups
         params, g = sd.add_lora(u, name, cfg.lora_rank, cfg.lora_alpha), torch.Generator().manual_seed(seed)
@@ -200,39 +194,45 @@ def _three_ways(pipe, shared, checkpointing="ours"):
             u.enable_gradient_checkpointing(sd.checkpoint_as_run)
         else:
             u.enable_gradient_checkpointing()  # diffusers' default recomputation
-        G, F, teacher = sd.EpsUNet(u, sch, "generator"), sd.EpsUNet(u, sch, "fake"), sd.EpsUNet(u, sch)
+        G, F, teacher = sd.Denoiser(u, sch, "generator"), sd.Denoiser(u, sch, "fake"), sd.Denoiser(u, sch)
     else:
         ut, ug, uf = (copy.deepcopy(unet0) for _ in range(3))
         gp, fp = lora(ug, "generator", 1), lora(uf, "fake", 2)
-        G, F, teacher = sd.EpsUNet(ug, sch, "generator"), sd.EpsUNet(uf, sch, "fake"), sd.EpsUNet(ut, sch)
+        G, F, teacher = sd.Denoiser(ug, sch, "generator"), sd.Denoiser(uf, sch, "fake"), sd.Denoiser(ut, sch)
     for p in gp + fp:
         p.requires_grad_(True)
     torch.manual_seed(5)
-    head = dmd2.GANHead(64, 4)
+    head = dmd2.GANHead(*sd.bottleneck_shape(unet0, 8))
     G, F, H = sd.Net(G, gp), sd.Net(F, fp), sd.Net(head, list(head.parameters()))
     g = torch.Generator().manual_seed(0)
-    cond = {"encoder_hidden_states": torch.randn(2, 16, 64, generator=g),
-            "text_embeds": torch.randn(2, 32, generator=g), "time_ids": sd.time_ids(32, 2, "cpu")}
+    if sd3:
+        cond = {"encoder_hidden_states": torch.randn(2, 16 + sd.T5_TOKENS, 80, generator=g),
+                "pooled_projections": torch.randn(2, 64, generator=g)}
+    else:
+        cond = {"encoder_hidden_states": torch.randn(2, 16, 64, generator=g),
+                "text_embeds": torch.randn(2, 32, generator=g), "time_ids": sd.time_ids(32, 2, "cpu")}
     uncond = {k: v[:1] if k == "time_ids" else torch.zeros_like(v[:1]) for k, v in cond.items()}
     hp, rng = dmd2.TTUR(ratio=1, gan_g=0.5, gan_d=0.5, w=3.0, max_grad_norm=1e9), torch.Generator().manual_seed(1)
     g_opt, c_opt = torch.optim.SGD(G.params, lr=1.0), torch.optim.SGD(F.params + H.params, lr=1.0)
-    x, logs = dmd2.generator_step(G, g_opt, torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 749]), teacher, F,
+    shape = (2, unet0.config.in_channels, 8, 8)
+    x, logs = dmd2.generator_step(G, g_opt, torch.randn(shape, generator=g), torch.tensor([999, 749]), teacher, F,
                                   H, sch, cond, hp, uncond, rng)
     after_g = [p.detach().clone() for p in G.params]
     assert all(p.grad is None for p in F.params + H.params), "the generator step must not touch mu_fake or D"
-    logs |= dmd2.critic_step(F, H, c_opt, x, sch, cond, torch.randn(2, 4, 8, 8, generator=g), cond, hp, rng)
+    logs |= dmd2.critic_step(F, H, c_opt, x, sch, cond, torch.randn(shape, generator=g), cond, hp, rng)
     return after_g, [p.detach().clone() for p in F.params + H.params], logs
 
 
-def test_shared_lora_matches_three_separate_unets(pipes):
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_shared_lora_matches_three_separate_networks(pipes, kind):
     """Adapters switched between G's forward and its backward, under gradient checkpointing, give exactly the
-    gradients of three separate networks."""
-    ref, shared = _three_ways(pipes["sdxl"], False), _three_ways(pipes["sdxl"], True)
+    gradients of three separate networks (SD3: the GAN's stop at the middle block is never recomputed)."""
+    ref, shared = _three_ways(pipes[kind], False), _three_ways(pipes[kind], True)
     for a, b in zip(ref[0] + ref[1], shared[0] + shared[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert ref[2].keys() == shared[2].keys() and all(torch.allclose(ref[2][k], shared[2][k]) for k in ref[2])
     with pytest.raises(torch.utils.checkpoint.CheckpointError):  # why checkpoint_as_run exists
-        _three_ways(pipes["sdxl"], True, checkpointing="default")
+        _three_ways(pipes[kind], True, checkpointing="default")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_sd15_one_step_train_resume_export_sample(pipes, data, tmp_path):
     assert a["scheds"]["g_opt"]["_last_lr"] == a["scheds"]["c_opt"]["_last_lr"] == [1e-3 * 5 / 8]
     assert all(p["lr_warmup"] == 8 for p in T.PRESETS.values()), "500 warm-up steps / 64 processes"
     teacher = UNet2DConditionModel.from_pretrained(pipes["sd15"], subfolder="unet").state_dict()
-    assert any(not torch.equal(teacher[n.removeprefix("unet.")], v) for n, v in a["nets"]["G"].items())
+    assert any(not torch.equal(teacher[n.removeprefix("net.")], v) for n, v in a["nets"]["G"].items())
     # the released form: an fp16 state dict that loads strictly into the base UNet's config
     sd = torch.load(tmp_path / "a" / "export" / "dmd2_sd15_1step_unet_fp16.bin", weights_only=True)
     assert all(v.dtype == torch.float16 for v in sd.values())
@@ -344,7 +344,7 @@ def test_stock_lcm_pipeline_is_the_paper_sampler(pipes):
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     base = sd.load_base(pipes["sdxl"], torch.device("cpu"))
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = sd.decode(base, dmd2.sample(sd.EpsUNet(base.unet, base.schedule), z, base.schedule, [399],
+    ours = sd.decode(base, dmd2.sample(sd.Denoiser(base.net, base.schedule), z, base.schedule, [399],
                                       _cond(base, ["a cat"])))
     theirs = pipe("a cat", latents=z, timesteps=[399], guidance_scale=0, height=32, width=32, output_type="pt").images
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=0)
@@ -396,7 +396,7 @@ def test_lora_modes_export_for_load_lora_weights(mode, pipes, data, tmp_path):
     # every source kind samples the student: the stock diffusers pipeline with LCMScheduler and the explicit
     # timesteps, the student's fused UNet and the same noise, gives the same images; the teacher's differ
     prompt, seed, ts = "a cat", 3, [999, 749, 499, 249]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(runs.stream_seed(seed, "sample", 0))  # sample.py's first batch
     z = torch.randn(1, 4, 8, 8, generator=g)
     stock = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"], unet=merged)
     stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
@@ -518,7 +518,7 @@ def test_sdxl_multi_step_prompts_are_the_real_captions(pipes, data, tmp_path, mo
 
 def test_cached_latents_are_reproducible(pipes, data, tmp_path):
     """--cache-latents draws the VAE posterior samples from the run's seed, not from the global generator."""
-    base = sd.load_base(pipes["sdxl"], torch.device("cpu"), unet=False)
+    base = sd.load_base(pipes["sdxl"], torch.device("cpu"), net=False)
     images = CaptionedImages(data["real"], 32)
     caches = []
     for i, seed in enumerate((0, 0, 1)):
@@ -545,13 +545,13 @@ def test_offline_lpips_fails_in_one_line_before_the_teacher_pairs(pipes, data, t
 def test_dmd_pass_of_the_fake_score_runs_in_fp32(pipes, monkeypatch):
     """As the authors: under bf16 autocast (a GPU's), mu_fake's no-grad forward of Eq. 2 runs in fp32; its
     denoising loss, the teacher and G stay in bf16."""
-    monkeypatch.setattr(sd.EpsUNet, "autocast_on", ("cuda", "cpu"))  # the GPU's autocast, on the CPU
+    monkeypatch.setattr(sd.Denoiser, "autocast_on", ("cuda", "cpu"))  # the GPU's autocast, on the CPU
     cpu = torch.device("cpu")
     base = sd.load_base(pipes["sd15"], cpu)
     cfg = T.Config(**{**T.PRESETS["sd15"], "model": pipes["sd15"], "resolution": 32, "grad_checkpointing": False})
     nets = T.build_nets(cfg, base, cpu, 1)
     seen = []
-    for name, unet in (("fake", nets.unets["fake"]), ("teacher", base.unet), ("G", nets.unets["G"])):
+    for name, unet in (("fake", nets.models["fake"]), ("teacher", base.net), ("G", nets.models["G"])):
         unet.register_forward_pre_hook(lambda m, a, name=name: seen.append(
             (name, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
     cond, hp = sd.encode_prompts(base, ["a cat", "red car"], 32), dmd2.TTUR(ratio=1, gan_g=0, gan_d=0, w=1.75)

@@ -48,8 +48,8 @@ def test_ddp_and_fsdp_full_fine_tuning(setup, tmp_path):
     as DDP, and resuming it from a checkpoint is exact."""
     ddp = torchrun(setup, tmp_path / "ddp", "--preset", "sdxl-4step", "--dist", "ddp", "--iters", "3")
     assert same(ddp[0], ddp[1]) and set(ddp[0]) == {"G", "fake", "head"}
-    teacher = sd.load_unet(setup["model"], torch.device("cpu")).state_dict()
-    assert any(not torch.equal(teacher[n.removeprefix("unet.")], v) for n, v in ddp[0]["G"].items())
+    teacher = sd.load_net(setup["model"], torch.device("cpu")).state_dict()
+    assert any(not torch.equal(teacher[n.removeprefix("net.")], v) for n, v in ddp[0]["G"].items())
     fsdp = torchrun(setup, tmp_path / "fsdp", "--preset", "sdxl-4step", "--dist", "fsdp", "--iters", "3")
     assert same(fsdp[0], ddp[0], atol=1e-6)
     torchrun(setup, tmp_path / "fsdp2", "--preset", "sdxl-4step", "--dist", "fsdp", "--iters", "2")
@@ -80,8 +80,9 @@ def test_memory_estimate_counts_every_tensor(setup):
         for p in cls.from_pretrained(setup["model"], subfolder=sub).parameters())
     vae = sum(p.numel() for p in AutoencoderKL.from_pretrained(setup["model"], subfolder="vae").parameters())
     r = T.Config().lora_rank  # LoRA params: r (in k k + out) per targeted Linear / Conv2d
+    targets = sd.LORA_TARGETS["unet"]
     lora = sum(r * (m.weight[0].numel() + m.weight.shape[0]) for n, m in unet.named_modules()
-               if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(n.endswith(t) for t in sd.LORA_TARGETS))
+               if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(n.endswith(t) for t in targets))
     head = sum(p.numel() for p in T.dmd2.GANHead(64, 4).parameters())
     trainable = 2 * lora + head
     assert gib["Parameter"] * 2**30 == 2 * frozen + 4 * vae + 4 * trainable

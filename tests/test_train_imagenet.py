@@ -237,7 +237,10 @@ def test_edm_denoiser_adapter_and_bottleneck():
     den(x, t, y)
     hook.remove()
     torch.testing.assert_close(h, grabbed[0])
-    assert h.requires_grad is False or h.grad_fn is not None
+    # the GAN's generator loss flows through the bottleneck back to the input (the generator's output)
+    x.requires_grad_(True)
+    den.features(x, t, y).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_precond_matches_edm_formulas():
@@ -258,7 +261,8 @@ def test_edm_sampler_one_step_is_the_denoiser_at_sigma_max():
         return torch.zeros_like(x)
     z = torch.randn(2, 1, 4, 4)
     out = ti.edm.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=1, heun=False)
-    torch.testing.assert_close(out, torch.zeros_like(z)) and len(calls) == 1
+    torch.testing.assert_close(out, torch.zeros_like(z))
+    assert len(calls) == 1, "one step is one network evaluation"
     calls.clear()
     ti.edm.edm_sampler(net, z, torch.tensor([0, 1]), 10, steps=18, heun=True)
     assert len(calls) == 35, "Heun with 18 steps = 35 NFE"
@@ -315,9 +319,11 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_for_init_from(tmp_path):
     for f in ("teacher.pt", "classifier.pt"):
         (two / f).write_bytes((run / f).read_bytes())
     ti.main(["--out", str(two), *TINY, "--iters", "1", "--init-from", str(run / "best.pt"), "--lr", "0",
-             "--gan-g", "0", "--gan-d", "0"])
-    start = ti.edm.read_checkpoint(str(two))["G"]
-    assert all(torch.equal(start[k], ck["G"][k]) for k in start), "phase 2 starts from best.pt's weights"
+             "--gan-g", "0", "--gan-d", "0", "--ema", "0.99"])
+    start = ti.edm.read_checkpoint(str(two))
+    assert all(torch.equal(start["G"][k], ck["G"][k]) for k in ck["G"]), "phase 2 starts from best.pt's weights"
+    # so does the generator's EMA (lr 0: the EMA of an unchanged generator is that generator, not the teacher)
+    assert all(torch.equal(start["ema"][k], ck["G"][k]) for k in ck["G"]), "the EMA starts from best.pt's G"
 
 
 def _runs_with(tiny_run, tmp_path, flags: tuple[str, ...]) -> list[dict]:
@@ -350,19 +356,51 @@ def test_compile_flag_compiles_the_three_networks_and_keeps_the_results(tiny_run
         assert all(torch.allclose(runs[0][key][k], runs[1][key][k], atol=1e-6) for k in runs[0][key]), key
 
 
-def test_channels_last_flag_converts_the_networks_and_keeps_the_results(tiny_run, tmp_path, monkeypatch):
-    """--channels-last: G, the critic and the teacher in NHWC; the checkpoint's weights as without (up to
-    rounding) and in the usual layout for sample.py."""
-    converted = []
-    real = ti.edm.channels_last
+class _Recorder(torch.Generator):
+    """torch.Generator recording every seed it is given (the random streams a run opens)."""
 
-    def spy(*modules, on=True):
-        converted.extend(type(m).__name__ for m in modules)
-        real(*modules, on=on)
+    seeds: list[int] = []
 
-    monkeypatch.setattr(ti.edm, "channels_last", spy)
-    runs = _runs_with(tiny_run, tmp_path, ("--no-channels-last", "--channels-last"))
-    assert converted == ["EDMDenoiser", "Critic", "EDMDenoiser"]
-    for key in ("G", "critic"):
-        assert all(torch.allclose(runs[0][key][k], runs[1][key][k], atol=1e-5) for k in runs[0][key]), key
-    sample.main([str(tmp_path / "--channels-last"), "--labels", "1", "--n", "2", "--out", str(tmp_path / "s.png")])
+    def manual_seed(self, seed):
+        _Recorder.seeds.append(int(seed))
+        return super().manual_seed(seed)
+
+
+def test_no_two_seeds_share_a_random_stream(tiny_run, tmp_path, monkeypatch):
+    """Runs with --seed 0 and --seed 1 (distillation and evaluation, from the same cached teacher) open disjoint
+    streams, except the two that no run's seed changes (the fixed data split and the brightness probe): with
+    seed * 1000 + rank, seed 1's training noise was seed 0's evaluation noise."""
+    import shutil
+
+    monkeypatch.setattr(torch, "Generator", _Recorder)
+    used = []
+    for seed in (0, 1):
+        run = str(tmp_path / f"s{seed}")
+        shutil.copytree(tiny_run[0], run)
+        _Recorder.seeds = []
+        ti.main(["--out", run, *TINY, "--iters", "6", "--steps", "2", "--seed", str(seed)])
+        used.append(set(_Recorder.seeds))
+    fixed = {ti.runs.stream_seed(0, "split"), 12345}
+    assert used[0] & used[1] == fixed, "a stream shared by two seeds"
+    assert len(used[0]) > 5, "distillation, data order, backward simulation, evaluation, sampler, grid"
+
+
+def test_multi_step_sampler_noise_differs_between_ranks():
+    """Under torchrun each rank evaluates its own samples: the fresh noise of a multi-step student's re-noising
+    differs between ranks. An exact Gaussian denoiser (data N(0, 0.1^2)) forgets its input, so with shared
+    re-noising two ranks' 4-step samples would agree (cosine 1)."""
+    cfg = ti.Config(steps=4)
+
+    class Gaussian(torch.nn.Module):  # the exact denoiser of N(0, s^2) data on the EDM grid
+        def __init__(self):
+            super().__init__()
+            self.schedule, self.w = dmd2.EDMSchedule(), torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, t, labels):
+            sigma = self.schedule.sigma(t, x_t)
+            return 0.1**2 / (0.1**2 + sigma**2) * x_t
+
+    z = torch.randn(2, 8, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # each rank its own z
+    out = [ti.sampler(Gaussian(), cfg, rank)(z[rank], torch.zeros(8, dtype=torch.long)) for rank in (0, 1)]
+    cos = torch.nn.functional.cosine_similarity(out[0].flatten(1), out[1].flatten(1)).abs()
+    assert cos.max() < 0.95, cos

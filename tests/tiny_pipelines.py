@@ -1,4 +1,4 @@
-"""Tiny random SD v1.5-shaped and SDXL-shaped diffusers pipelines, saved with `save_pretrained`, so that the
+"""Tiny random SD v1.5-, SDXL- and SD3.5-shaped diffusers pipelines, saved with `save_pretrained`, so that the
 text-to-image scripts load them exactly as they load the real models (nothing is downloaded).
 
 Shapes follow the real models at a small scale: SD v1.5 = one CLIP text encoder (last hidden state, 32-d),
@@ -46,12 +46,12 @@ def _text_config(vocab_size: int, **kw):
                           pad_token_id=1, **kw)
 
 
-def _vae(scaling_factor: float):
+def _vae(scaling_factor: float, latent_channels: int = 4, **kw):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16),
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8, 16),
                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor)
+                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor, **kw)
 
 
 def _scheduler(cls_name: str):
@@ -101,6 +101,31 @@ def tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
         vae=_vae(0.13025), text_encoder=CLIPTextModel(_text_config(len(tok))),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tok), projection_dim=pooled_dim)),
         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=_scheduler("EulerDiscreteScheduler"))
+    pipe.save_pretrained(str(path))
+    return path
+
+
+def tiny_sd3(path: str | Path, seed: int = 0, shift: float = 3.0) -> Path:
+    """An SD3.5-shaped pipeline (StableDiffusion3Pipeline) saved to `path` without T5 (as diffusers allows): two
+    CLIP text encoders with projections (pooled 32 + 32), a joint text width of 80 (wider than the CLIPs' 64, so the
+    padding is exercised), an MMDiT with SD3.5 Medium's dual attention and RMS qk-norm, a VAE with 8 latent channels
+    and SD3's shift and scale, and the flow-matching scheduler with a timestep shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = _tokenizer(path.with_name(path.name + "-vocab"))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=8, out_channels=8, num_layers=4,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=80,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")
+    encoders = [CLIPTextModelWithProjection(_text_config(len(tok), projection_dim=32)) for _ in range(2)]
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=_vae(1.5305, 8, shift_factor=0.0609, use_quant_conv=False,
+                                          use_post_quant_conv=False),
+        text_encoder=encoders[0], text_encoder_2=encoders[1], text_encoder_3=None, tokenizer=tok, tokenizer_2=tok,
+        tokenizer_3=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
     pipe.save_pretrained(str(path))
     return path
 
