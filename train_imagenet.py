@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -297,8 +298,6 @@ def evaluate(cfg: Config, setup: dict, nets: Nets | None, device: torch.device, 
 
 def write_outputs(cfg: Config, setup: dict, nets: Nets, results: dict) -> None:
     """Sample grid (a row per class), metrics.json, brightness plot; log.jsonl and checkpoint exist already."""
-    import json
-
     rows = min(cfg.label_dim, 10) or 10  # unconditional: ten rows of samples
     labels = [i * (cfg.label_dim // rows) for i in range(rows)]
     edm.save_grid(nets.ema or nets.G, labels, 10, setup["channels"], cfg.resolution, cfg.seed,
@@ -372,8 +371,8 @@ ABLATION = {  # name -> overrides of the run's settings
     "GAN + TTUR (no DMD)": dict(ratio=5, dmd_weight=0.0),
 }
 names = list(ABLATION)
-TABLES = {"table3": names[:4], "table4": names[4:6], "all": names[:6], "headline": [names[2], names[1], names[6]],
-          "flow": [names[2], names[4]]}
+TABLES = {"table3": names[:4], "table4": names[4:6], "all": names[:6], "gan": names[1:3],
+          "headline": [names[2], names[1], names[6]], "flow": [names[2], names[4]]}
 # each table's setting (flags given on the command line win): an under-trained teacher, far from the data; the flow
 SETTINGS = {"headline": dict(out="runs/headline", teacher_iters=400, iters=800, decay_iters=800),
             "flow": dict(out="runs/flow", schedule="flow")}
@@ -391,6 +390,11 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
         slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(" ", "_").lower()
         sub = dataclasses.replace(cfg, out=os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}"),
                                   seed=cfg.seed + seed, **over)
+        done = os.path.join(sub.out, "metrics.json")  # a finished run of the same settings is reused, not redone
+        if os.path.exists(done) and edm.read_checkpoint(sub.out)["config"] == asdict(
+                dataclasses.replace(sub, label_dim=s["label_dim"])):
+            with open(done) as f:
+                return json.load(f), edm.read_checkpoint(sub.out)["history"]
         m = run(sub, device, rank, world, teacher_eval=False, s=s)
         return m, edm.read_checkpoint(sub.out)["history"]
 
@@ -416,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     small_.add_argument("--ablation", nargs="?", const="all", choices=list(TABLES), help="variants from one teacher: "
-                        "table3 (TTUR, GAN), table4 (backward simulation), all (both), headline (DMD vs GAN with an "
-                        "under-trained teacher), flow (a flow teacher, one and four steps)")
+                        "table3 (TTUR, GAN), table4 (backward simulation), all (both), gan (DMD + TTUR with and "
+                        "without the GAN), headline (DMD vs GAN with an under-trained teacher), flow (a flow teacher, "
+                        "one and four steps)")
     small_.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
     speed.add_argument("--benchmark", action="store_true", help="time, FLOPs and network calls of one generator "
                        "update of the ImageNet ADM architecture (random weights) or of --teacher's network")
@@ -501,7 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
             if args.benchmark:
                 from support.benchmark import benchmark
 
-                return benchmark(device, ttur(cfg), cfg.lr, teacher=cfg.teacher, compile=cfg.compile)
+                return benchmark(device, ttur(cfg), cfg.lr, teacher=cfg.teacher, compile=cfg.compile, batch=args.batch,
+                                 channels=args.channels)
             with runs.locked(cfg.out):
                 if args.ablation:
                     return ablation(cfg, device, rank, world, args.ablation, args.seeds)

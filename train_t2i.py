@@ -111,7 +111,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     p.add_argument("--export", metavar="RUN", help="export a run folder or checkpoint (to --out, default RUN/export)")
     p.add_argument("--estimate-memory", action="store_true", help="peak GPU memory per process of this run, "
                    "computed on fake tensors (no GPU, no weights): --model's configs, or the built-in --arch")
-    p.add_argument("--arch", choices=list(memory.ARCHS), default="sdxl", help="--estimate-memory without --model")
+    p.add_argument("--benchmark", action="store_true", help="time, FLOPs and peak memory of this run's training "
+                   "iterations on the device, random weights from --model's configs or the built-in --arch")
+    p.add_argument("--arch", choices=list(memory.ARCHS), default="sdxl", help="--estimate-memory, --benchmark "
+                   "without --model")
     a = p.parse_args(argv)
     return runs.given_flags(a, Config), a
 
@@ -396,19 +399,25 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
     runs.barrier()
 
 
-def estimate_memory(given: dict, arch: str) -> dict[str, float]:
-    """Peak GiB by kind for the preset (default: sd15, sdxl-4step or sd35m-4step) and flags (support/memory.py)."""
+def measure(given: dict, arch: str, benchmark: bool) -> dict:
+    """--estimate-memory (peak GiB by kind, support/memory.py) or --benchmark (on the device, support/benchmark.py) of
+    the preset (default: sd15, sdxl-4step or sd35m-4step) and flags, from --model's configs or the built-in --arch."""
     fam, net_cfg, text_cfgs, vae_cfg = memory.configs(given.get("model"), arch, given.get("t5", True))
     preset = given.get("preset") or {"sd15": "sd15", "sdxl": "sdxl-4step", "sd3": "sd35m-4step"}[fam]
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     hp = dmd2.TTUR(ratio=cfg.ratio, gan_g=cfg.gan_g, gan_d=cfg.gan_d, w=cfg.w)
-    gib = memory.estimate(fam, net_cfg, text_cfgs, vae_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank,
-                          lora_alpha=cfg.lora_alpha, resolution=cfg.resolution, batch=cfg.batch, hp=hp, lr=cfg.lr,
-                          timesteps=sd.student_timesteps(cfg.steps, cfg.conditioning_timestep),
-                          grad_checkpointing=cfg.grad_checkpointing)
+    kw = dict(mode=cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, resolution=cfg.resolution,
+              batch=cfg.batch, hp=hp, lr=cfg.lr, timesteps=sd.student_timesteps(cfg.steps, cfg.conditioning_timestep),
+              grad_checkpointing=cfg.grad_checkpointing)
+    if benchmark:
+        from support.benchmark import benchmark_t2i
+
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return benchmark_t2i(fam, net_cfg, text_cfgs, vae_cfg, device, **kw)
+    gib = memory.estimate(fam, net_cfg, text_cfgs, vae_cfg, **kw)
     print(json.dumps({"arch": given.get("model") or arch, "preset": preset, "mode": cfg.mode, "batch": cfg.batch,
-                      "resolution": cfg.resolution,
-                      "grad_checkpointing": cfg.grad_checkpointing, **{k: round(v, 2) for k, v in gib.items()}}))
+                      "resolution": cfg.resolution, "grad_checkpointing": cfg.grad_checkpointing,
+                      **{k: round(v, 2) for k, v in gib.items()}}))
     return gib
 
 
@@ -418,8 +427,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.export:
             print(f"exported to {sd.export(args.export, given.get('out'))}")
             return None
-        if args.estimate_memory:
-            return estimate_memory(given, args.arch)
+        if args.estimate_memory or args.benchmark:
+            return measure(given, args.arch, args.benchmark)
         train(make_config(given))
     return None
 

@@ -1,24 +1,131 @@
-"""Time and network calls of one DMD2 generator update on the ImageNet-64 ADM architecture (random weights).
+"""Time, FLOPs, memory and network calls of one DMD2 generator update (a generator step and its ratio - 1 critic-only
+steps) on random weights: nothing is downloaded.
 
-`python train_imagenet.py --benchmark` runs `benchmark`: on a GPU the paper's size (192 channels, 296M parameters,
-40 images per GPU, bf16 autocast); on a CPU a reduced one (32 channels, batch 4, fp32). It compares EDM's explicit
-attention with F.scaled_dot_product_attention (support.edm.fuse_attention), the latter also in channels-last
-memory format (support.edm.channels_last) and, optionally, torch.compiled.
+    python train_imagenet.py --benchmark                  # ImageNet-64 ADM: 296M, batch 40, bf16 (CPU: 32 ch., batch 4)
+    python train_imagenet.py --benchmark --teacher net.pkl --batch 64 --compile   # an EDM pickle's network, compiled
+    python train_t2i.py --benchmark --arch sdxl --mode shared-lora --batch 1 --resolution 1024   # SDXL's config
+
+Rows run interleaved after a warm-up update each (a compiled row's warm-up is its compile time). The FLOPs of one
+update are counted with torch.utils.flop_counter.FlopCounterMode on the update itself (matrix products, convolutions,
+attention; forward and backward), so FLOP/s = FLOPs / median time and, on a GPU of known peak, the fraction of its
+dense bf16 peak. Also: peak memory, host synchronisations per update (CUDA's sync debug mode), the time by operator
+family (torch.profiler), and one-step against teacher sampling throughput.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import dmd2
-from support import edm
+from support import edm, memory, sd
 from support.edm import EDMDenoiser
 from support.runs import autocast, is_main
+
+# dense bf16 matrix throughput from the vendors' datasheets, TFLOP/s (the first name contained in the device's wins)
+PEAK_BF16 = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "L40S": 362.1,
+             "RTX 4090": 165.2, "A10": 125.0, "L4": 121.0}
+FAMILIES = [("attention", r"attention|flash|efficient_attention|softmax|bmm|baddbmm|einsum"),
+            ("convolution", r"conv|cudnn"), ("matmul", r"addmm|\bmm\b|linear|matmul"),
+            ("normalization", r"norm"), ("optimizer", r"_foreach|adam"), ("copies", r"copy|to\b|contiguous|cat")]
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def host_syncs(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Host synchronisations during fn (CUDA's sync debug mode warns at each); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def time_by_family(fn: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Share of the device (CPU: host) self time of each operator family over one call of fn, in percent."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        family = next((f for f, pattern in FAMILIES if re.search(pattern, e.key.lower())), "elementwise and other")
+        totals[family] = totals.get(family, 0.0) + us
+    total = sum(totals.values()) or 1.0
+    return {k: round(100 * v / total, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def measure(rows: dict[str, Callable[[], None]], update: Callable[[], None], device: torch.device, updates: int,
+            flops_row: str) -> dict:
+    """rows: name -> configure(); each row's warm-up seconds, then `updates` interleaved timed updates per row
+    (median), FLOPs of one update (counted on `flops_row`), FLOP/s, fraction of peak, peak memory."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed() -> float:
+        sync()
+        t = time.perf_counter()
+        update()
+        sync()
+        return time.perf_counter() - t
+
+    warmup = {}
+    for name, configure in rows.items():
+        configure()
+        warmup[name] = round(timed(), 2)
+    rows[flops_row]()
+    flops = count_flops(update)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(updates):
+        for name, configure in rows.items():
+            configure()
+            times[name].append(timed())
+    peak, median = peak_tflops(device), {k: statistics.median(v) for k, v in times.items()}
+    memory_gib = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    rows[flops_row]()
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                threads=torch.get_num_threads(), flops_per_update=flops, seconds_per_update=median,
+                seconds_each=times, warmup_or_compile_s=warmup,
+                tflop_per_s={k: float(f"{flops / s / 1e12:.4g}") for k, s in median.items()},
+                fraction_of_bf16_peak={k: round(flops / s / 1e12 / peak, 3) for k, s in median.items()} if peak
+                else None, peak_memory_gib=round(memory_gib, 2), host_syncs_per_update=host_syncs(update, device),
+                time_by_family=time_by_family(update, device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# train_imagenet.py --benchmark: EDM's ADM (or a pickle's network), plain and fused attention, compiled
 
 
 class CallCounter:
@@ -43,21 +150,17 @@ class CallCounter:
 
 
 def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, teacher: str | None = None,
-              compile: bool = False) -> dict:
-    """Time per generator update (1 generator step + its `ratio - 1` critic-only steps) with EDM's explicit
-    attention ("plain": einsum + float32 softmax), with F.scaled_dot_product_attention ("fused"), fused with
-    the networks in channels-last memory format ("fused + channels-last"), and, if `compile`, fused with the
-    networks torch.compiled ("fused + compiled"; the compile time is not counted):
-    the rows run interleaved, `updates` times each, after one warm-up update each. Also the network calls of
-    each kind per update, peak memory, and one-step vs teacher sampling throughput (fused).
-
-    teacher: an EDM network pickle (path or URL) to time instead of the ADM architecture with random weights,
-    at its own resolution, channels and classes."""
+              compile: bool = False, batch: int | None = None, channels: int | None = None,
+              rows: tuple[str, ...] = ("plain", "fused")) -> dict:
+    """One generator update with EDM's explicit attention ("plain": einsum + float32 softmax), with
+    F.scaled_dot_product_attention ("fused"; "fused, no autotuning": without cuDNN's algorithm search, on by default
+    as in EDM's training) and, if `compile`, fused and torch.compiled. teacher: an EDM network pickle (path or URL)
+    instead of the ADM architecture, at its own resolution, channels and classes."""
     gpu = device.type == "cuda"
-    channels, b = (192, 40) if gpu else (32, 4)
+    b, width = batch or (40 if gpu else 4), channels or (192 if gpu else 32)
     torch.manual_seed(0)
     if teacher is None:
-        net, px, img, label_dim = edm.Precond(edm.ADMUNet(64, 3, 1000, channels=channels)).to(device), 64, 3, 1000
+        net, px, img, label_dim = edm.Precond(edm.ADMUNet(64, 3, 1000, channels=width)).to(device), 64, 3, 1000
     else:
         net = edm.edm_teacher(teacher).to(device)
         px, img, label_dim = net.img_resolution, net.img_channels, net.label_dim
@@ -68,77 +171,89 @@ def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, 
     c_opt = torch.optim.AdamW(critic.parameters(), lr=lr, foreach=True)
     z, y = torch.randn(b, img, px, px, device=device), torch.randint(0, max(label_dim, 1), (b,), device=device)
     t_in = torch.full((b,), schedule.T - 1, device=device)
-    dens = (G, critic.fake, teacher_den)
-    rows = ["plain", "fused", "fused + channels-last"] + (["fused + compiled"] * compile)
-    compiled = {}
+    dens, compiled = (G, critic.fake, teacher_den), {}
     if compile:
         edm.compile_networks(*dens)
         compiled = {id(d.net): d.net._compiled_call_impl for d in dens}
 
-    def configure(row: str) -> int:  # attention kernel, memory format, compiled or eager calls of every network
-        n = sum(edm.fuse_attention(d.net, row != "plain") for d in dens)
-        edm.channels_last(*dens, critic, on=row == "fused + channels-last")
-        for d in dens:
-            d.net._compiled_call_impl = compiled.get(id(d.net)) if row == "fused + compiled" else None
-        return n
+    def configure(row: str) -> Callable[[], None]:  # attention kernel, compiled or eager calls, cuDNN autotuning
+        def apply():
+            torch.backends.cudnn.benchmark = "no autotuning" not in row
+            for d in dens:
+                edm.fuse_attention(d.net, row != "plain")
+                d.net._compiled_call_impl = compiled.get(id(d.net)) if row == "fused + compiled" else None
+        return apply
 
-    def update():  # one generator update and its ratio critic updates
+    def update():  # one generator update and its ratio - 1 critic-only updates
         for it in range(hp.ratio):
             with autocast(device):
                 dmd2.train_iteration(it, G, teacher_den, critic, critic.head, g_opt, c_opt, schedule,
                                      schedule.prior(z), t_in, y, torch.randn_like(z), y, hp=hp)
 
-    def sync():
-        if gpu:
-            torch.cuda.synchronize()
-
     counts: dict = {}
-    names = ["generator", "fake score", "teacher"]
-    counters = [CallCounter(den, name, counts) for den, name in zip(dens, names, strict=True)]
-    attention_blocks = configure("plain") // len(dens)  # per network
-    update()  # warm-up (allocations, optimizer states), and the network calls of one update
-    calls = {" / ".join(k): v for k, v in sorted(counts.items()) if v}
+    counters = [CallCounter(den, name, counts) for den, name in zip(dens, ("generator", "fake score", "teacher"),
+                                                                      strict=True)]
+    configure("fused")()
+    update()  # the network calls of one update (and the optimizer states)
     for c in counters:
         c.remove()
-    for row in rows[1:]:
-        configure(row)
-        update()  # warm-up; compiles the compiled row's networks
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    times: dict[str, list[float]] = {row: [] for row in rows}
-    for _ in range(updates):
-        for row in rows:
-            configure(row)
-            sync()
-            t = time.perf_counter()
-            update()
-            sync()
-            times[row].append(time.perf_counter() - t)
-    per_update = {row: statistics.median(ts) for row, ts in times.items()}
-    if gpu:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:  # the process's peak resident memory (KiB on Linux)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    configure("fused")
+    res = measure({row: configure(row) for row in [*rows, *["fused + compiled"] * compile]}, update, device, updates,
+                  "fused")
+    if compile:
+        x = torch.randn(2, img, px, px, device=device)
+        res["graph_breaks"] = torch._dynamo.explain(G.net.forward)(
+            x, torch.ones(2, device=device), torch.eye(label_dim, device=device)[:2] if label_dim else None
+        ).graph_break_count
 
     def throughput(fn, n_batches: int) -> float:
         with torch.no_grad(), autocast(device):
             fn(z, y)
-            sync()
             t = time.perf_counter()
             for _ in range(n_batches):
                 fn(z, y)
-            sync()
-        return n_batches * b / (time.perf_counter() - t)
+            if gpu:
+                torch.cuda.synchronize()
+        return round(n_batches * b / (time.perf_counter() - t), 2)
 
-    res = dict(device=str(torch.cuda.get_device_name() if gpu else "cpu"), threads=torch.get_num_threads(),
-               network=teacher or f"ADMUNet 64 px, {channels} channels, random weights", batch=b,
-               params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1), attention_blocks=attention_blocks,
-               seconds_per_generator_update=per_update,
-               speedup_vs_plain={row: per_update["plain"] / s for row, s in per_update.items()},
-               seconds_each=times, calls_per_generator_update=calls, peak_memory_gib=round(peak, 2),
-               one_step_images_per_s=throughput(edm.one_step(G), 3),
-               teacher_35nfe_images_per_s=throughput(edm.teacher_sampler(net, label_dim, 35, True), 1))
+    res = dict(network=teacher or f"ADMUNet 64 px, {width} channels, random weights", batch=b,
+               params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1)) | res
+    if "plain" in rows:
+        res["speedup_vs_plain"] = {k: round(res["seconds_per_update"]["plain"] / v, 3)
+                                   for k, v in res["seconds_per_update"].items()}
+    res |= dict(calls_per_generator_update={" / ".join(k): v for k, v in sorted(counts.items()) if v},
+                one_step_images_per_s=throughput(edm.one_step(G), 3),
+                teacher_35nfe_images_per_s=throughput(edm.teacher_sampler(net, label_dim, 35, True), 1))
+    if is_main():
+        print(json.dumps(res, indent=1))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# train_t2i.py --benchmark: a text-to-image run's networks from the model's configs, random weights
+
+
+def benchmark_t2i(fam: str, net_cfg: dict, text_cfgs: list[dict], vae_cfg: dict, device: torch.device, *, mode: str,
+                  lora_rank: int, lora_alpha: float, resolution: int, batch: int, timesteps: list[int],
+                  hp: dmd2.TTUR, lr: float, grad_checkpointing: bool, updates: int = 2) -> dict:
+    """Seconds per training iteration (a generator update / ratio), FLOPs, peak memory of train_t2i.py's loop with
+    the networks `sd.build_nets` makes in `mode`, bf16 autocast on a GPU (random conditions, no text encoding)."""
+    torch.manual_seed(0)
+    base = memory.build_base(fam, net_cfg, text_cfgs, vae_cfg, device)
+    nets = sd.build_nets(base, device, 1, "", mode, lora_rank, lora_alpha, hp.gan_g > 0 or hp.gan_d > 0, resolution,
+                         grad_checkpointing=grad_checkpointing,
+                         new_net=lambda: type(base.net).from_config(net_cfg).to(device))
+    g_opt, c_opt = memory.optimizers(nets, lr)
+    with torch.device(device):
+        cond = memory.random_conditions(base, text_cfgs, batch, resolution)
+
+    def update():
+        with torch.device(device):
+            memory.iterations(hp.ratio, nets, base, cond, g_opt, c_opt, resolution, batch, timesteps, hp)
+
+    res = measure({"eager": lambda: None}, update, device, updates, "eager")
+    res = dict(arch=fam, mode=mode, batch=batch, resolution=resolution, grad_checkpointing=grad_checkpointing,
+               trainable_m=round(sum(p.numel() for p in nets.G.params + nets.fake.params) / 1e6, 1),
+               seconds_per_iteration=round(res["seconds_per_update"]["eager"] / hp.ratio, 3)) | res
     if is_main():
         print(json.dumps(res, indent=1))
     return res

@@ -1,6 +1,6 @@
 """Speed paths that must not change results: fused attention in EDM's UNetBlock (support.edm.fuse_attention) and
-in our ADMBlock, channels-last memory format, torch.compile with the GAN's encoder-only passes, SDPA in the
-diffusers UNets, and backward simulation's k drawn on the host."""
+in our ADMBlock, torch.compile with the GAN's encoder-only passes and no graph break, SDPA in the diffusers UNets,
+backward simulation's k drawn on the host; and what the benchmark reports (support/benchmark.py)."""
 
 from __future__ import annotations
 
@@ -157,3 +157,54 @@ def test_backward_simulation_draws_k_on_the_host():
         _, t = dmd2.backward_simulation(G, torch.randn(2, 3), sch, ts, generator=torch.Generator().manual_seed(99),
                                         k_generator=torch.Generator().manual_seed(seed))
         assert len(calls) == expected and int(t[0]) == ts[expected]
+
+
+@pytest.mark.parametrize("config", ["ours", "adm", "ddpmpp", "ncsnpp"])
+def test_compiled_networks_have_no_graph_break(tmp_path, config):
+    """Each network torch.compile sees (--compile: the preconditioned UNet of G, the fake score and the teacher)
+    traces as one graph: no Python branch on a tensor, no .item(), no host-side copy inside."""
+    if config == "ours":
+        net = edm.small_unet(16, 8, 10, in_channels=1)
+    else:
+        edm_pickle(tmp_path / "net.pkl", EDM_CONFIGS[config][0], 10, 16, 1, seed=5, **EDM_CONFIGS[config][1])
+        net = edm.edm_teacher(str(tmp_path / "net.pkl"))  # fused attention, our preconditioning
+    x, sigma, labels = torch.randn(2, 1, 16, 16), torch.tensor([0.5, 20.0]), torch.eye(10)[:2]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net.forward)(x, sigma, labels)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_flops_are_counted_on_the_update_and_are_linear_in_the_batch():
+    """FlopCounterMode over one DMD2 iteration (generator and critic step, GAN on): every counted operation (matrix
+    products, convolutions, attention) is per sample, so twice the batch is exactly twice the FLOPs."""
+    from support import benchmark
+
+    def flops(batch: int) -> int:
+        torch.manual_seed(0)
+        sch, net = dmd2.EDMSchedule(), edm.small_unet(16, 8, 10, in_channels=1)
+        G, critic = edm.build_students(net, sch, 10, 1, 16, True, 0, torch.device("cpu"))
+        teacher = edm.EDMDenoiser(net.requires_grad_(False), sch, 10)
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (G, critic)]
+        z, y = torch.randn(batch, 1, 16, 16), torch.arange(batch) % 10
+        return benchmark.count_flops(lambda: dmd2.train_iteration(
+            0, G, teacher, critic, critic.head, *opts, sch, 80 * z, torch.full((batch,), 999), y, z, y))
+
+    one, two = flops(2), flops(4)
+    assert one > 1e6 and two == 2 * one
+
+
+def test_benchmark_rows_and_counts():
+    """--benchmark on a reduced ADM (8 channels, batch 2): both rows timed, FLOP/s = FLOPs / median time, the 18
+    network calls of one generator update (ratio 5, GAN on), the time by operator family adding up to 100 %."""
+    from support.benchmark import benchmark
+
+    res = benchmark(torch.device("cpu"), dmd2.TTUR(), 1e-4, updates=1, batch=2, channels=8)
+    assert set(res["seconds_per_update"]) == {"plain", "fused"} and res["flops_per_update"] > 1e9
+    for row, s in res["seconds_per_update"].items():
+        assert res["tflop_per_s"][row] == pytest.approx(res["flops_per_update"] / s / 1e12, rel=1e-3)
+    calls = res["calls_per_generator_update"]
+    assert sum(calls.values()) == 18 and calls["teacher / full / no grad"] == 1
+    assert calls["fake score / encoder-only / grad"] == 6 and calls["generator / full / grad"] == 1
+    assert sum(res["time_by_family"].values()) == pytest.approx(100, abs=0.5)
+    assert res["host_syncs_per_update"] is None and res["fraction_of_bf16_peak"] is None  # a CPU
