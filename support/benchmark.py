@@ -18,6 +18,7 @@ import json
 import re
 import resource
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -51,8 +52,9 @@ def count_flops(fn: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def host_syncs(fn: Callable[[], None], device: torch.device) -> int | None:
-    """Host synchronisations during fn (CUDA's sync debug mode warns at each); None on the CPU."""
+def host_syncs(fn: Callable[[], None], device: torch.device) -> dict | None:
+    """Host synchronisations during fn (CUDA's sync debug mode warns at each): how many, and the code lines that
+    made them; None on the CPU."""
     if device.type != "cuda":
         return None
     with warnings.catch_warnings(record=True) as caught:
@@ -62,7 +64,8 @@ def host_syncs(fn: Callable[[], None], device: torch.device) -> int | None:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    where = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(where), "where": sorted(set(where))}
 
 
 def time_by_family(fn: Callable[[], None], device: torch.device) -> dict[str, float]:
@@ -98,12 +101,18 @@ def measure(rows: dict[str, Callable[[], None]], update: Callable[[], None], dev
         sync()
         return time.perf_counter() - t
 
+    def progress(what: str) -> None:  # to stderr: where a long or failing benchmark is
+        gib = f", {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.type == "cuda" else ""
+        print(f"benchmark: {what}{gib}", file=sys.stderr, flush=True)
+
     warmup = {}
     for name, configure in rows.items():
         configure()
         warmup[name] = round(timed(), 2)
+        progress(f"{name} warm-up {warmup[name]} s")
     rows[flops_row]()
     flops = count_flops(update)
+    progress(f"{flops / 1e12:.1f} TFLOP per update")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times: dict[str, list[float]] = {name: [] for name in rows}
@@ -245,6 +254,8 @@ def benchmark_t2i(fam: str, net_cfg: dict, text_cfgs: list[dict], vae_cfg: dict,
     g_opt, c_opt = memory.optimizers(nets, lr)
     with torch.device(device):
         cond = memory.random_conditions(base, text_cfgs, batch, resolution)
+    built = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    print(f"benchmark: networks built{f', {built:.1f} GiB' if built else ''}", file=sys.stderr, flush=True)
 
     def update():
         with torch.device(device):
@@ -252,6 +263,7 @@ def benchmark_t2i(fam: str, net_cfg: dict, text_cfgs: list[dict], vae_cfg: dict,
 
     res = measure({"eager": lambda: None}, update, device, updates, "eager")
     res = dict(arch=fam, mode=mode, batch=batch, resolution=resolution, grad_checkpointing=grad_checkpointing,
+               memory_after_build_gib=built and round(built, 2),
                trainable_m=round(sum(p.numel() for p in nets.G.params + nets.fake.params) / 1e6, 1),
                seconds_per_iteration=round(res["seconds_per_update"]["eager"] / hp.ratio, 3)) | res
     if is_main():

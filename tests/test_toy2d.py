@@ -1,13 +1,15 @@
 """End to end without images: a one-step 2-D generator distilled with DMD + TTUR against the exact score of a
-Gaussian mixture (the teacher), with the fake score fitted online, moves onto the target distribution."""
+Gaussian mixture (the teacher), with the fake score fitted online, moves onto the target distribution; on EDM's
+schedule and on a rectified flow (SD3's, shift 3: the teacher the exact flow posterior, the fake score a velocity
+network)."""
 
+import pytest
 import torch
 from torch import nn
 
 import dmd2
 from helpers import GaussianMixture
 
-SCH = dmd2.EDMSchedule()
 TARGET = GaussianMixture([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], [0.4, 0.4, 0.4])
 
 
@@ -19,25 +21,28 @@ def mlp(n_in: int, width: int = 128, depth: int = 3) -> nn.Sequential:
 
 
 class FakeScore(nn.Module):
-    """EDM-preconditioned MLP denoiser: x0 = c_skip x_t + c_out F(c_in x_t, log(sigma)/4)."""
+    """EDM-preconditioned MLP denoiser: x0 = c_skip x_t + c_out F(c_in x_t, log(sigma)/4); on a flow schedule a
+    velocity MLP, x0 = x_t - sigma v(x_t, sigma)."""
 
-    def __init__(self, sigma_data: float = 1.5):
+    def __init__(self, sch: dmd2.Schedule, sigma_data: float = 1.5):
         super().__init__()
-        self.sd, self.net = sigma_data, mlp(3)
+        self.sch, self.sd, self.net = sch, sigma_data, mlp(3)
 
     def forward(self, x_t, t, cond=None):
-        s, sd = SCH.sigma(t, x_t), self.sd
+        s, sd = self.sch.sigma(t, x_t), self.sd
+        if isinstance(self.sch, dmd2.FlowSchedule):
+            return self.sch.velocity_to_x0(x_t, self.net(torch.cat([x_t, s], 1)), t)
         c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), 1 / (s**2 + sd**2).sqrt()
         return c_skip * x_t + c_out * self.net(torch.cat([c_in * x_t, s.log() / 4], 1))
 
 
 class Generator(nn.Module):
-    def __init__(self):
+    def __init__(self, sch: dmd2.Schedule):
         super().__init__()
-        self.net = mlp(2, depth=2)
+        self.scale, self.net = getattr(sch, "sigma_max", 1.0), mlp(2, depth=2)
 
     def forward(self, x_t, t, cond=None):
-        return self.net(x_t / SCH.sigma_max)
+        return self.net(x_t / self.scale)
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,9 +50,10 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
 
 
-def test_dmd_ttur_distills_a_gaussian_mixture():
+@pytest.mark.parametrize("SCH", [dmd2.EDMSchedule(), dmd2.FlowSchedule(3.0)], ids=["edm", "flow"])
+def test_dmd_ttur_distills_a_gaussian_mixture(SCH):
     torch.manual_seed(0)
-    G, fake = Generator(), FakeScore()
+    G, fake = Generator(SCH), FakeScore(SCH)
     g_opt = torch.optim.AdamW(G.parameters(), lr=3e-3, weight_decay=0)
     c_opt = torch.optim.AdamW(fake.parameters(), lr=1e-3, weight_decay=0)
     hp = dmd2.TTUR(ratio=5, gan_g=0, gan_d=0)

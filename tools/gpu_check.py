@@ -1,13 +1,15 @@
 """The prepared GPU check: about 8 minutes on one GPU, nothing downloaded (networks from configs, random weights).
 
-    python tools/gpu_check.py OUT              # on a GPU machine (tools/gpu_check.sh runs this)
-    python tools/gpu_check.py OUT --smoke      # the same sections with tiny networks on the CPU (a test)
+    python tools/gpu_check.py OUT                          # on a GPU machine (tools/gpu_check.sh runs this)
+    python tools/gpu_check.py OUT --sections sdxl,cifar10  # some sections (--budget S: another time budget)
+    python tools/gpu_check.py OUT --smoke                  # the same with tiny networks on the CPU (a test)
 
 Sections, each in its own process with a time limit, most important first: the GPU's measured bf16 matrix rate;
 the paper-scale generator update (EDM's ImageNet-64 ADM from a pickle in EDM's format, 296M, batch 40) with EDM's
 attention ("plain"), fused, and fused without cuDNN's autotuning; SDXL and SD3.5 Medium in the shared-LoRA mode on
-one GPU at 1024 px (their real configurations); the ADM update fused and torch.compiled (its compile time is the
-compiled row's warm-up); the CIFAR-10 recipe's network (EDM's DDPM++, batch 64); the ADM update at batch 80.
+one GPU at 1024 px (their real configurations); the CIFAR-10 recipe's network (EDM's DDPM++, batch 64); the same
+update on our ADMUNet (EDM's ADM layout and size, no pickle to write) fused and torch.compiled (its compile time is
+the compiled row's warm-up); the ADM update at batch 80.
 Writes OUT/gpu_check.json (every number) and OUT/gpu_check.md (the table for docs/performance.md).
 """
 
@@ -24,9 +26,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 NETS = Path(tempfile.gettempdir()) / "dmd2_gpu_check"  # the networks' pickles and tiny pipelines (not in OUT)
-BUDGET_S = 480  # the whole check; each section gets min(its own limit, what is left)
-SECTIONS = {"prep": 90, "matmul": 40, "adm": 150, "sdxl": 150, "sd35m": 170, "adm_compiled": 200, "cifar10": 90,
-            "adm_batch80": 100}
+BUDGET_S = 480  # the whole check (--budget S); each section gets min(its own limit, what is left)
+SECTIONS = {"matmul": 40, "adm": 170, "sdxl": 75, "sd35m": 75, "cifar10": 60, "adm_compiled": 200, "adm_batch80": 100}
+
+
+def edm_network(which: str, smoke: bool) -> Path:
+    """EDM's ImageNet-64 ADM (296M) or CIFAR-10 DDPM++ (55.7M with its augmentation input) configuration with random
+    weights, pickled in EDM's format by tests/edm_pickles.py (written once; tiny ones with --smoke)."""
+    from edm_pickles import EDM_CONFIGS, edm_pickle
+
+    path = NETS / f"{which}{'_smoke' * smoke}.pkl"
+    if not path.is_file():
+        if smoke:
+            edm_pickle(path, EDM_CONFIGS["adm" if which == "adm" else "ddpmpp"][0], 10, 16, 3,
+                       **EDM_CONFIGS["adm" if which == "adm" else "ddpmpp"][1])
+        elif which == "adm":
+            edm_pickle(path, "DhariwalUNet", 1000, 64, 3)
+        else:
+            edm_pickle(path, "SongUNet", 10, 32, 3, model_channels=128, channel_mult=[2, 2, 2], augment_dim=9,
+                       embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                       channel_mult_noise=1, resample_filter=[1, 1])
+    return path
 
 
 def run_section(name: str, out: Path, smoke: bool) -> dict:
@@ -37,19 +57,6 @@ def run_section(name: str, out: Path, smoke: bool) -> dict:
     from support import benchmark
 
     device = torch.device("cpu" if smoke else "cuda")
-    NETS.mkdir(exist_ok=True)
-    if name == "prep":  # EDM's ImageNet-64 ADM and CIFAR-10 DDPM++ configurations, pickled in EDM's format
-        from edm_pickles import EDM_CONFIGS, edm_pickle
-
-        if smoke:
-            edm_pickle(NETS / "adm.pkl", EDM_CONFIGS["adm"][0], 10, 16, 3, **EDM_CONFIGS["adm"][1])
-            edm_pickle(NETS / "cifar10.pkl", EDM_CONFIGS["ddpmpp"][0], 10, 16, 3, **EDM_CONFIGS["ddpmpp"][1])
-        else:
-            edm_pickle(NETS / "adm.pkl", "DhariwalUNet", 1000, 64, 3)
-            edm_pickle(NETS / "cifar10.pkl", "SongUNet", 10, 32, 3, model_channels=128, channel_mult=[2, 2, 2],
-                       augment_dim=9, embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                       channel_mult_noise=1, resample_filter=[1, 1])
-        return {}
     if name == "matmul":
         n, dtype = (256, torch.float32) if smoke else (8192, torch.bfloat16)
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -64,12 +71,12 @@ def run_section(name: str, out: Path, smoke: bool) -> dict:
             times.append(time.perf_counter() - t)
         return {"n": n, "tflop_per_s": round(2 * n**3 / sorted(times[3:])[5] / 1e12, 1)}
     if name.startswith("adm") or name == "cifar10":
-        pkl = NETS / ("cifar10.pkl" if name == "cifar10" else "adm.pkl")
+        pkl = None if name == "adm_compiled" else edm_network("cifar10" if name == "cifar10" else "adm", smoke)
         batch = {"adm": 40, "adm_compiled": 40, "adm_batch80": 80, "cifar10": 64}[name] // (20 if smoke else 1)
         hp = dmd2.TTUR(gan_g=3e-3, gan_d=1e-2)
         rows = ("plain", "fused", "fused, no autotuning") if name == "adm" else ("fused",)
-        return benchmark.benchmark(device, hp, 2e-6, teacher=str(pkl), batch=batch, compile=name == "adm_compiled",
-                                   rows=rows)
+        return benchmark.benchmark(device, hp, 2e-6, teacher=pkl and str(pkl), batch=batch, rows=rows,
+                                   compile=name == "adm_compiled", channels=8 if smoke and not pkl else None)
     import train_t2i as T  # sdxl, sd35m
 
     if smoke:
@@ -105,6 +112,8 @@ def table(results: dict) -> str:
 
 def main() -> None:
     out, smoke = Path(sys.argv[1]), "--smoke" in sys.argv
+    names = sys.argv[sys.argv.index("--sections") + 1].split(",") if "--sections" in sys.argv else list(SECTIONS)
+    budget = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else BUDGET_S
     if "--section" in sys.argv:
         name = sys.argv[sys.argv.index("--section") + 1]
         (NETS / f"{name}.json").write_text(json.dumps(run_section(name, out, smoke), indent=1))
@@ -115,18 +124,21 @@ def main() -> None:
         old.unlink()
     start, results = time.time(), {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for name, limit in SECTIONS.items():
-        left = BUDGET_S - (time.time() - start)
+    for name in names:
+        limit, left = SECTIONS[name], budget - (time.time() - start)
         if left < 20:
             results[name] = {"skipped": "the check's time budget was spent"}
             continue
         t = time.time()
         cmd = [sys.executable, __file__, str(out), "--section", name] + ["--smoke"] * smoke
         try:
-            proc = subprocess.run(cmd, env=env, timeout=min(limit, left), capture_output=True, text=True)
+            with open(out / "sections.log", "a") as log:  # every section's own output, for when one fails
+                log.write(f"==== {name}\n")
+                log.flush()
+                proc = subprocess.run(cmd, env=env, timeout=min(limit, left), stdout=log, stderr=subprocess.STDOUT)
             ok = proc.returncode == 0 and (NETS / f"{name}.json").is_file()
             results[name] = json.loads((NETS / f"{name}.json").read_text()) if ok else {
-                "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+                "error": (out / "sections.log").read_text().strip().splitlines()[-1:]}
         except subprocess.TimeoutExpired:
             results[name] = {"timeout_s": round(min(limit, left))}
         results[name]["section_s"] = round(time.time() - t, 1)

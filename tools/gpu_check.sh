@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check}}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-python3 tools/gpu_check.py "$out"
+python3 tools/gpu_check.py "$out" "${@:2}"
