@@ -6,10 +6,10 @@ steps) on random weights: nothing is downloaded.
     python train_t2i.py --benchmark --arch sdxl --mode shared-lora --batch 1 --resolution 1024   # SDXL's config
 
 Rows run interleaved after a warm-up update each (a compiled row's warm-up is its compile time). The FLOPs of one
-update are counted with torch.utils.flop_counter.FlopCounterMode on the update itself (matrix products, convolutions,
-attention; forward and backward), so FLOP/s = FLOPs / median time and, on a GPU of known peak, the fraction of its
-dense bf16 peak. Also: peak memory, host synchronisations per update (CUDA's sync debug mode), the time by operator
-family (torch.profiler), and one-step against teacher sampling throughput.
+update are counted on the update itself with torch.utils.flop_counter's formulas (matrix products, convolutions,
+attention; forward and backward, recomputation included), so FLOP/s = FLOPs / median time and, on a GPU of known peak,
+the fraction of its dense bf16 peak. Also: peak memory, host synchronisations per update (CUDA's sync debug mode),
+the time by operator family (torch.profiler), and one-step against teacher sampling throughput.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import dmd2
 from support import edm, memory, sd
@@ -46,10 +47,27 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+class FlopCount(TorchDispatchMode):
+    """FlopCounterMode's per-operator formulas (torch.utils.flop_counter.flop_registry: matrix products,
+    convolutions, attention, forward and backward) summed over every operator run, without its module tracker, which
+    follows each module call and slows to a crawl on the UNets' early-stopped, checkpointed forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
 def count_flops(fn: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCount() as counter:
         fn()
-    return counter.get_total_flops()
+    return counter.total
 
 
 def host_syncs(fn: Callable[[], None], device: torch.device) -> dict | None:

@@ -176,8 +176,9 @@ def test_compiled_networks_have_no_graph_break(tmp_path, config):
 
 
 def test_flops_are_counted_on_the_update_and_are_linear_in_the_batch():
-    """FlopCounterMode over one DMD2 iteration (generator and critic step, GAN on): every counted operation (matrix
-    products, convolutions, attention) is per sample, so twice the batch is exactly twice the FLOPs."""
+    """The FLOPs of one DMD2 iteration (generator and critic step, GAN on): every counted operation (matrix products,
+    convolutions, attention) is per sample, so twice the batch is exactly twice the FLOPs; and the counter gives
+    FlopCounterMode's own total."""
     from support import benchmark
 
     def flops(batch: int) -> int:
@@ -192,6 +193,12 @@ def test_flops_are_counted_on_the_update_and_are_linear_in_the_batch():
 
     one, two = flops(2), flops(4)
     assert one > 1e6 and two == 2 * one
+    torch.manual_seed(0)  # the same total as FlopCounterMode itself, on a plain network
+    net, x = edm.small_unet(16, 8, 10, in_channels=1), torch.randn(3, 1, 16, 16)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as reference:
+        net(x, torch.ones(3), torch.eye(10)[:3]).sum().backward()
+    assert benchmark.count_flops(lambda: net(x, torch.ones(3), torch.eye(10)[:3]).sum().backward()) == \
+        reference.get_total_flops() > 0
 
 
 def test_benchmark_rows_and_counts():
