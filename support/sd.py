@@ -489,7 +489,9 @@ def trainable_state(nets: Nets, fsdp: bool) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {k: get_model_state_dict(m, options=opts) for k, m in nets.modules.items() if m is not None}
+        params = {k: {n for n, _ in m.named_parameters()} for k, m in nets.modules.items() if m is not None}
+        return {k: {n: v for n, v in get_model_state_dict(nets.modules[k], options=opts).items() if n in params[k]}
+                for k in params}  # parameters only, as without FSDP (buffers come from the config)
     out = {}
     for k, net in (("G", nets.G), ("fake", nets.fake), ("head", nets.head)):
         if net is not None:
@@ -507,7 +509,9 @@ def load_trainable(nets: Nets, state: dict, fsdp: bool) -> None:
 
         for k, m in nets.modules.items():
             if m is not None and k in state:
-                set_model_state_dict(m, state[k], options=StateDictOptions(full_state_dict=True))
+                bad = set_model_state_dict(m, state[k], options=StateDictOptions(full_state_dict=True, strict=False))
+                if bad.unexpected_keys or set(bad.missing_keys) & {n for n, _ in m.named_parameters()}:
+                    raise ValueError(f"the checkpoint's {k} weights do not fit this run (--mode, --model?)")
         return
     for k, net in (("G", nets.G), ("fake", nets.fake), ("head", nets.head)):
         if net is not None and k in state:

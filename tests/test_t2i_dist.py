@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_pipelines import tiny_sdxl, write_image_folder
+from tiny_pipelines import tiny_sd3, tiny_sdxl, write_image_folder
 
 import train_t2i as T
 from support import sd
@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     (root / "prompts.txt").write_text("a cat\nthe dog and a cat\nred car\nblue sky\n")
     return {"model": str(tiny_sdxl(root / "sdxl")), "prompts": str(root / "prompts.txt"),
-            "real": str(write_image_folder(root / "real", 6))}
+            "real": str(write_image_folder(root / "real", 6)), "sd3": str(tiny_sd3(root / "sd3"))}
 
 
 def torchrun(setup, out: Path, *args: str) -> dict:
@@ -56,6 +56,14 @@ def test_ddp_and_fsdp_full_fine_tuning(setup, tmp_path):
     resumed = torchrun(setup, tmp_path / "fsdp2", "--preset", "sdxl-4step", "--dist", "fsdp", "--iters", "3",
                        "--resume")
     assert same(resumed[0], fsdp[0])
+
+
+def test_sd3_fsdp_equals_ddp(setup, tmp_path):
+    """SD3's transformer sharded block by block (FSDP2) trains to DDP's weights."""
+    sd3 = dict(setup, model=setup["sd3"])
+    ddp = torchrun(sd3, tmp_path / "ddp", "--preset", "sd35m-4step", "--dist", "ddp", "--iters", "2")
+    fsdp = torchrun(sd3, tmp_path / "fsdp", "--preset", "sd35m-4step", "--dist", "fsdp", "--iters", "2")
+    assert same(ddp[0], ddp[1]) and same(fsdp[0], ddp[0], atol=1e-6)
 
 
 def test_ddp_shared_lora(setup, tmp_path):
