@@ -106,11 +106,6 @@ class Schedule:
         a, s = self.coefficients(t, x_t, torch.float64)
         return ((x_t.double() - s * eps.double()) / a).float()
 
-    def x0_to_eps(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps = (x_t - alpha_t x0) / sigma_t, the inverse of `eps_to_x0`."""
-        a, s = self.coefficients(t, x_t, torch.float64)
-        return ((x_t.double() - a * x0.double()) / s).float()
-
 
 class EDMSchedule(Schedule):
     """EDM (Karras et al. 2022) on a 1000-point grid: alpha_t = 1, sigma_t = Karras sigma, index 0 smallest.

@@ -26,6 +26,7 @@ import torch
 
 import dmd2
 from support import metrics, runs, sd
+from support.data import read_prompts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,17 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def checkpoint_kind(source: str) -> str:
-    """'class-conditional' or 'text-to-image': the `kind` our training checkpoints record (a run folder's
-    checkpoint.pt); any other source (UNet folders, state dicts, LoRA) is text-to-image."""
-    path = Path(source)
-    ckpt = path / "checkpoint.pt" if path.is_dir() else path
-    if ckpt.suffix == ".pt" and ckpt.is_file():
-        return runs.load_file(ckpt, "checkpoint of train_imagenet.py or train_t2i.py", mmap=True).get(
-            "kind", "text-to-image")
-    return "text-to-image"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Class-conditional
 
@@ -99,15 +89,6 @@ def class_conditional(args: argparse.Namespace) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Text-to-image
-
-
-def read_lines(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise ValueError(f"--prompts {path}: no such file")
-    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
-    if not lines:
-        raise ValueError(f"--prompts {path}: no prompts in the file")
-    return lines
 
 
 def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
@@ -199,7 +180,7 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
     """One image per prompt, [N, 3, H, W] in [0, 1], saved to --out (a folder, or one grid .png)."""
     from torchvision.utils import make_grid, save_image
 
-    prompts = list(args.prompt) + (read_lines(args.prompts) if args.prompts else [])
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     device = torch.device(args.device)
@@ -257,22 +238,27 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         print(f"patch FID skipped: images are {res} px, smaller than the 299 px patch")
     clip = metrics.load_clip(args.clip_model, args.clip_pretrained, device)
-    results["clip_score"] = metrics.clip_score(out, read_lines(args.prompts), clip, device, args.batch)
+    results["clip_score"] = metrics.clip_score(out, read_prompts(args.prompts), clip, device, args.batch)
     (out / "metrics.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results))
     return results
 
 
 def check_source(source: str) -> str:
-    """'class-conditional' or 'text-to-image', or a one-line error for a SOURCE that holds no student."""
+    """'class-conditional' or 'text-to-image' (the `kind` our training checkpoints record; any other student is
+    text-to-image), or a one-line error for a SOURCE that holds no student."""
     src = Path(source)
     if not src.exists():
         raise ValueError(f"{source}: no such file or folder")
-    if src.is_dir() and not any((src / f).is_file() for f in ("checkpoint.pt", "config.json", "unet/config.json",
-                                                               "dmd2.json")) and lora_file(src) is None:
+    if src.is_dir() and not any((src / f).is_file() for f in ("checkpoint.pt", "config.json", "dmd2.json")) and \
+            lora_file(src) is None:
         raise ValueError(f"{source}: no student here: expected a run folder (checkpoint.pt), an export or diffusers "
-                         f"UNet folder (config.json, unet/), or LoRA weights (pytorch_lora_weights.*)")
-    return checkpoint_kind(source)
+                         f"model folder (config.json, dmd2.json), or LoRA weights (pytorch_lora_weights.*)")
+    ckpt = src / "checkpoint.pt" if src.is_dir() else src
+    if ckpt.suffix == ".pt" and ckpt.is_file():
+        return runs.load_file(ckpt, "checkpoint of train_imagenet.py or train_t2i.py", mmap=True).get(
+            "kind", "text-to-image")
+    return "text-to-image"
 
 
 def main(argv: list[str] | None = None):

@@ -151,9 +151,9 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
             sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
         if nets.ema is not None:
             nets.ema.load_state_dict(ck["ema"])
-        runs.set_rng_state({"gen": gen} | ({"k": k_gen} if "k" in ck["rng"][rank] else {}), ck["rng"][rank])
+        runs.set_rng_state({"gen": gen, "k": k_gen}, ck["rng"][rank])
         real.load_state_dict(ck["data"][rank])
-        averages.load_state_dict(ck["averages"][rank] if "averages" in ck else {})  # a log interval under way
+        averages.load_state_dict(ck["averages"][rank])  # a log interval under way
         start, history = ck["step"], ck["history"]
     log = runs.Log(cfg.out)
     log.restart(history)  # the log restarts from the checkpoint's history (lines after it would repeat)

@@ -1,4 +1,4 @@
-"""Time, FLOPs, memory and network calls of one DMD2 generator update (a generator step and its ratio - 1 critic-only
+"""Time, FLOPs and memory of one DMD2 generator update (a generator step and its ratio - 1 critic-only
 steps) on random weights: nothing is downloaded.
 
     python train_imagenet.py --benchmark                  # ImageNet-64 ADM: 296M, batch 40, bf16 (CPU: 32 ch., batch 4)
@@ -155,34 +155,11 @@ def measure(rows: dict[str, Callable[[], None]], update: Callable[[], None], dev
 # train_imagenet.py --benchmark: EDM's ADM (or a pickle's network), plain and fused attention, compiled
 
 
-class CallCounter:
-    """Counts a network's forward passes, full or encoder-only, with or without gradient (forward hooks)."""
-
-    def __init__(self, den: EDMDenoiser, name: str, counts: dict):
-        self.name, self.counts = name, counts
-        self.handles = [
-            den.net.register_forward_pre_hook(lambda m, a: self._add("encoder-only", "total")),
-            next(iter(den.net.model.dec.values())).register_forward_pre_hook(
-                lambda m, a: self._add("full", "encoder-only"))]
-
-    def _add(self, kind: str, undo: str) -> None:
-        grad = "grad" if torch.is_grad_enabled() else "no grad"
-        self.counts[(self.name, kind, grad)] = self.counts.get((self.name, kind, grad), 0) + 1
-        if undo != "total":  # a call that reaches the decoder is full, not encoder-only
-            self.counts[(self.name, undo, grad)] -= 1
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, teacher: str | None = None,
-              compile: bool = False, batch: int | None = None, channels: int | None = None,
-              rows: tuple[str, ...] = ("plain", "fused")) -> dict:
+              compile: bool = False, batch: int | None = None, channels: int | None = None) -> dict:
     """One generator update with EDM's explicit attention ("plain": einsum + float32 softmax), with
-    F.scaled_dot_product_attention ("fused"; "fused, no autotuning": without cuDNN's algorithm search, on by default
-    as in EDM's training) and, if `compile`, fused and torch.compiled. teacher: an EDM network pickle (path or URL)
-    instead of the ADM architecture, at its own resolution, channels and classes."""
+    F.scaled_dot_product_attention ("fused") and, if `compile`, fused and torch.compiled. teacher: an EDM network
+    pickle (path or URL) instead of the ADM architecture, at its own resolution, channels and classes."""
     gpu = device.type == "cuda"
     b, width = batch or (40 if gpu else 4), channels or (192 if gpu else 32)
     torch.manual_seed(0)
@@ -203,9 +180,8 @@ def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, 
         edm.compile_networks(*dens)
         compiled = {id(d.net): d.net._compiled_call_impl for d in dens}
 
-    def configure(row: str) -> Callable[[], None]:  # attention kernel, compiled or eager calls, cuDNN autotuning
+    def configure(row: str) -> Callable[[], None]:  # attention kernel, compiled or eager calls of every network
         def apply():
-            torch.backends.cudnn.benchmark = "no autotuning" not in row
             for d in dens:
                 edm.fuse_attention(d.net, row != "plain")
                 d.net._compiled_call_impl = compiled.get(id(d.net)) if row == "fused + compiled" else None
@@ -217,15 +193,8 @@ def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, 
                 dmd2.train_iteration(it, G, teacher_den, critic, critic.head, g_opt, c_opt, schedule,
                                      schedule.prior(z), t_in, y, torch.randn_like(z), y, hp=hp)
 
-    counts: dict = {}
-    counters = [CallCounter(den, name, counts) for den, name in zip(dens, ("generator", "fake score", "teacher"),
-                                                                      strict=True)]
-    configure("fused")()
-    update()  # the network calls of one update (and the optimizer states)
-    for c in counters:
-        c.remove()
-    res = measure({row: configure(row) for row in [*rows, *["fused + compiled"] * compile]}, update, device, updates,
-                  "fused")
+    rows = {row: configure(row) for row in ["plain", "fused"] + ["fused + compiled"] * compile}
+    res = measure(rows, update, device, updates, "fused")
     if compile:
         x = torch.randn(2, img, px, px, device=device)
         res["graph_breaks"] = torch._dynamo.explain(G.net.forward)(
@@ -244,11 +213,9 @@ def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, 
 
     res = dict(network=teacher or f"ADMUNet 64 px, {width} channels, random weights", batch=b,
                params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1)) | res
-    if "plain" in rows:
-        res["speedup_vs_plain"] = {k: round(res["seconds_per_update"]["plain"] / v, 3)
-                                   for k, v in res["seconds_per_update"].items()}
-    res |= dict(calls_per_generator_update={" / ".join(k): v for k, v in sorted(counts.items()) if v},
-                one_step_images_per_s=throughput(edm.one_step(G), 3),
+    res |= dict(speedup_vs_plain={k: round(res["seconds_per_update"]["plain"] / v, 3)
+                                  for k, v in res["seconds_per_update"].items()},
+                one_step_images_per_s=throughput(edm.few_step(G, [schedule.T - 1]), 3),
                 teacher_35nfe_images_per_s=throughput(edm.teacher_sampler(net, label_dim, 35, True), 1))
     if is_main():
         print(json.dumps(res, indent=1))
@@ -287,3 +254,38 @@ def benchmark_t2i(fam: str, net_cfg: dict, text_cfgs: list[dict], vae_cfg: dict,
     if is_main():
         print(json.dumps(res, indent=1))
     return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# tools/gpu_check.sh: its sections' JSON (the scripts' --benchmark output) as one file and one table
+
+
+def gpu_table(sections: str, out: str) -> str:
+    """Every SECTION.json in `sections` (the JSON a benchmark printed last, or nothing if it failed) into
+    out/gpu_check.json, and the markdown table of docs/performance.md into out/gpu_check.md (returned)."""
+    from pathlib import Path
+
+    results = {}
+    for f in sorted(Path(sections).glob("*.json")):
+        text = f.read_text()
+        start = text.find("\n{") + 1 if not text.startswith("{") else 0
+        results[f.stem] = json.loads(text[start:]) if "{" in text else {"failed": "no result (see sections.log)"}
+    lines = ["| check | s per generator update | s per iteration | TFLOP/s | of dense bf16 peak | peak GiB |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for row, s in r.get("seconds_per_update", {}).items():
+            frac = (r.get("fraction_of_bf16_peak") or {}).get(row)
+            compile_s = f" (compile {r['warmup_or_compile_s'][row]:.0f} s)" if "compiled" in row else ""
+            label = f"{name}: {row}{compile_s}"
+            lines.append(f"| {label} | {s:.3f} | {r.get('seconds_per_iteration', s / 5):.3f} | "
+                         f"{r['tflop_per_s'][row]:.4g} | {'' if frac is None else f'{100 * frac:.1f} %'} | "
+                         f"{r['peak_memory_gib']} |")
+    lines += [f"\n{name}, device time by operator family (fused): " + ", ".join(f"{k} {v} %" for k, v in
+                                                                              r["time_by_family"].items())
+              for name, r in results.items() if "time_by_family" in r and name.startswith("adm")]
+    if "tflop_per_s" in results.get("matmul", {}):
+        lines.append(f"\nmatrix product, {results['matmul']['n']}^3: {results['matmul']['tflop_per_s']} TFLOP/s")
+    table = "\n".join(lines) + "\n"
+    Path(out, "gpu_check.json").write_text(json.dumps(results, indent=1))
+    Path(out, "gpu_check.md").write_text(table)
+    return table

@@ -374,11 +374,6 @@ def few_step(G: EDMDenoiser, timesteps: list[int],
     return lambda z, labels: dmd2.sample(G, z, G.schedule, timesteps, labels, gen)
 
 
-def one_step(G: EDMDenoiser) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The one-step student as a sampler: x = G(sigma_max z; sigma_max, label)."""
-    return few_step(G, [G.schedule.T - 1])
-
-
 @torch.no_grad()
 def save_grid(G: EDMDenoiser, labels: list[int], n: int, channels: int, resolution: int, seed: int, path: str,
               batch: int = 100, timesteps: list[int] | None = None) -> None:

@@ -38,10 +38,8 @@ def is_main() -> bool:
 
 
 def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """(rank, world, device): one process per GPU (NCCL) under torchrun, or per CPU slot (gloo). Training shapes are
-    fixed, so cuDNN searches once for its fastest convolution algorithms (cudnn.benchmark, as EDM's training)."""
+    """(rank, world, device): one process per GPU (NCCL) under torchrun, or per CPU slot (gloo)."""
     cuda = torch.cuda.is_available() and device != "cpu"
-    torch.backends.cudnn.benchmark = cuda
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device or ("cuda" if cuda else "cpu"))
     dist.init_process_group("nccl" if cuda else "gloo")

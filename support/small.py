@@ -162,8 +162,6 @@ def _cached(path: str, what: str, key: dict) -> dict | None:
         return None
     cached = load_file(path, what)
     saved = cached["key"]
-    if isinstance(saved, list):  # a classifier cached before keys were named: [resolution, iterations]
-        saved = dict(zip(("resolution", "iters"), saved, strict=False))
     differ = sorted(k for k in {**saved, **key} if saved.get(k) != key.get(k))
     if differ:
         raise ValueError(f"{path} is a {what} made with {({k: saved.get(k) for k in differ})}, this run asks for "

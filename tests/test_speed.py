@@ -201,17 +201,39 @@ def test_flops_are_counted_on_the_update_and_are_linear_in_the_batch():
         reference.get_total_flops() > 0
 
 
-def test_benchmark_rows_and_counts():
-    """--benchmark on a reduced ADM (8 channels, batch 2): both rows timed, FLOP/s = FLOPs / median time, the 18
-    network calls of one generator update (ratio 5, GAN on), the time by operator family adding up to 100 %."""
-    from support.benchmark import benchmark
+def test_benchmark_rows_and_the_gpu_check_table(tmp_path):
+    """--benchmark on a reduced ADM (8 channels, batch 2): both rows timed, FLOP/s = FLOPs / median time, the time by
+    operator family adding up to 100 %; and tools/gpu_check.sh's table of it (a failed section has no rows)."""
+    from support.benchmark import benchmark, gpu_table
 
     res = benchmark(torch.device("cpu"), dmd2.TTUR(), 1e-4, updates=1, batch=2, channels=8)
     assert set(res["seconds_per_update"]) == {"plain", "fused"} and res["flops_per_update"] > 1e9
     for row, s in res["seconds_per_update"].items():
         assert res["tflop_per_s"][row] == pytest.approx(res["flops_per_update"] / s / 1e12, rel=1e-3)
-    calls = res["calls_per_generator_update"]
-    assert sum(calls.values()) == 18 and calls["teacher / full / no grad"] == 1
-    assert calls["fake score / encoder-only / grad"] == 6 and calls["generator / full / grad"] == 1
     assert sum(res["time_by_family"].values()) == pytest.approx(100, abs=0.5)
     assert res["host_syncs_per_update"] is None and res["fraction_of_bf16_peak"] is None  # a CPU
+    import json
+
+    (tmp_path / "adm.json").write_text("some output\n" + json.dumps(res, indent=1))
+    (tmp_path / "sdxl.json").write_text("")  # timed out
+    table = gpu_table(str(tmp_path), str(tmp_path))
+    assert table.count("| adm: ") == 2 and "sdxl" not in table and "convolution" in table
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["adm"]["batch"] == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_sections_on_the_cpu(tmp_path):
+    """tools/gpu_check.sh with SMOKE=1: the same commands as on a GPU, with tiny networks on the CPU; every section
+    that ran is in the table (the real check is one run on a lent GPU: it must not fail on a typo)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SMOKE="1", SECTIONS="matmul adm cifar10", BUDGET="900", OMP_NUM_THREADS="1",
+               TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(root / "tools" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert table.count("| adm: ") == 2 and table.count("| cifar10: ") == 2 and "matrix product, 256^3" in table

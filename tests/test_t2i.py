@@ -434,7 +434,7 @@ def test_evaluation_metrics(pipes, data, tmp_path, monkeypatch):
     """FID of the generated images against themselves is 0; CLIP score is the mean cosine similarity."""
     out = tmp_path / "gen"
     torch.save({"kind": "text-to-image"}, tmp_path / "k.pt")
-    assert sample.checkpoint_kind(str(tmp_path / "k.pt")) == "text-to-image"
+    assert sample.check_source(str(tmp_path / "k.pt")) == "text-to-image"
 
     class Features(torch.nn.Module):  # a stand-in for Inception (no download): 16 pooled colour statistics
         def forward(self, x):
