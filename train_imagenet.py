@@ -46,7 +46,7 @@ class Config:
     lr_final: float | None = 1e-5  # cosine decay to this at decay_iters (None, or = lr: constant, as the paper)
     decay_iters: int = 1200  # end of the cosine decay (independent of iters, so a resumed run keeps its schedule)
     warmup: int = 100  # linear learning-rate warm-up, in training iterations (both optimisers)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW's, both optimisers
     ema: float = 0.0  # generator EMA decay (the paper uses none); metrics are reported for both
     init_from: str | None = None  # start G / critic / head from this checkpoint's weights (new optimizers)
     log_every: int = 50
@@ -131,8 +131,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     # both schedules advance every iteration, the generator's too (the paper counts warm-up in iterations)
     factor = runs.warmup_cosine(cfg.warmup, cfg.decay_iters, cfg.lr_final / cfg.lr if cfg.lr > 0 and
                                 cfg.lr_final is not None else 1.0)
-    g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, factor)
-    c_sched = torch.optim.lr_scheduler.LambdaLR(c_opt, factor)
+    g_sched, c_sched = (torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (g_opt, c_opt))
     gen = torch.Generator(device).manual_seed(runs.stream_seed(cfg.seed, "noise", rank))  # noise, labels, timesteps
     k_gen = torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "k"))  # backward simulation's k: every rank's
     path, start, history = os.path.join(cfg.out, "checkpoint.pt"), 0, []
@@ -287,10 +286,9 @@ def evaluate(cfg: Config, setup: dict, nets: Nets | None, device: torch.device, 
             return small.scores(stats, ref, acc if setup["label_dim"] else None)
         return dict(fd=metrics.fid_from_statistics(*stats["inception"].result(), *ref["inception"]))
 
-    if nets is not None:
-        out["student"] = score(sampler(nets.G, cfg, rank)) | dict(nfe=cfg.steps)
-    if nets is not None and nets.ema is not None:
-        out["student_ema"] = score(sampler(nets.ema, cfg, rank)) | dict(nfe=cfg.steps)
+    for key, G in (("student", nets and nets.G), ("student_ema", nets and nets.ema)):
+        if G is not None:
+            out[key] = score(sampler(G, cfg, rank)) | dict(nfe=cfg.steps)
     if teacher and small_run:
         out["teacher"] = small.teacher_metrics(cfg.out, setup, n, score)
     return {k: v for k, v in out.items() if v is not None}
@@ -313,8 +311,7 @@ def write_outputs(cfg: Config, setup: dict, nets: Nets, results: dict) -> None:
 
 def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool = False,
         eval_only: bool = False, teacher_eval: bool = True, s: dict | None = None) -> dict:
-    timings: dict[str, float] = {}
-    start = time.time()
+    timings, start = {}, time.time()
     os.makedirs(cfg.out, exist_ok=True)
     s = s or setup(cfg, device, timings)
     cfg = dataclasses.replace(cfg, label_dim=s["label_dim"])  # a small teacher has the data's classes
@@ -358,25 +355,7 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
 
 
 # ----------------------------------------------------------------------------------------------------
-# The paper's Tables 3 and 4 at small scale; its headline (a student better than its teacher, thanks to the GAN on
-# real data) with a teacher far from the data; the flow teacher.
-
-ABLATION = {  # name -> overrides of the run's settings
-    "DMD without TTUR (ratio 1)": dict(ratio=1, gan_g=0.0, gan_d=0.0),
-    "DMD + TTUR (ratio 5)": dict(ratio=5, gan_g=0.0, gan_d=0.0),
-    "DMD + TTUR + GAN": dict(ratio=5),
-    "GAN alone": dict(ratio=1, dmd_weight=0.0),
-    "4 steps, backward simulation": dict(steps=4),
-    "4 steps, no backward simulation": dict(steps=4, backward_simulation=False),
-    "GAN + TTUR (no DMD)": dict(ratio=5, dmd_weight=0.0),
-}
-names = list(ABLATION)
-TABLES = {"table3": names[:4], "table4": names[4:6], "all": names[:6], "gan": names[1:3],
-          "headline": [names[2], names[1], names[6]], "flow": [names[2], names[4]]}
-# each table's setting (flags given on the command line win): an under-trained teacher, far from the data; the flow
-SETTINGS = {"headline": dict(out="runs/headline", teacher_iters=400, iters=800, decay_iters=800),
-            "flow": dict(out="runs/flow", schedule="flow")}
-
+# Tables 3 and 4 at small scale, the headline and the flow teacher (support/small.py: ABLATION, TABLES, SETTINGS).
 
 def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: str, seeds: int) -> str:
     """Train each variant from the same teacher, over `seeds` seeds (cfg.seed, cfg.seed + 1, ...); write
@@ -391,14 +370,14 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
         sub = dataclasses.replace(cfg, out=os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}"),
                                   seed=cfg.seed + seed, **over)
         done = os.path.join(sub.out, "metrics.json")  # a finished run of the same settings is reused, not redone
-        if os.path.exists(done) and edm.read_checkpoint(sub.out)["config"] == asdict(
-                dataclasses.replace(sub, label_dim=s["label_dim"])):
-            with open(done) as f:
-                return json.load(f), edm.read_checkpoint(sub.out)["history"]
-        m = run(sub, device, rank, world, teacher_eval=False, s=s)
-        return m, edm.read_checkpoint(sub.out)["history"]
+        if not (os.path.exists(done) and edm.read_checkpoint(sub.out)["config"] == asdict(
+                dataclasses.replace(sub, label_dim=s["label_dim"]))):
+            run(sub, device, rank, world, teacher_eval=False, s=s)
+        with open(done) as f:
+            return json.load(f), edm.read_checkpoint(sub.out)["history"]
 
-    table, curves = small.ablation({k: ABLATION[k] for k in TABLES[table]}, seeds, run_variant, base)
+    variants = {k: small.ABLATION[k] for k in small.TABLES[table]}
+    table, curves = small.ablation(variants, seeds, run_variant, base)
     if runs.is_main():
         runs.plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
         with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
@@ -414,12 +393,12 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
 
 def build_parser() -> argparse.ArgumentParser:
     p = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = runs.add_config_flags(p, Config)
+    groups = runs.add_config_flags(p, Config, {"schedule": ["edm", "flow"]})
     run, small_, speed = (next(g for t, g in groups.items() if t.startswith(s)) for s in ("the run", "small", "speed"))
     run.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
     run.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    small_.add_argument("--ablation", nargs="?", const="all", choices=list(TABLES), help="variants from one teacher: "
+    small_.add_argument("--ablation", nargs="?", const="all", choices=list(small.TABLES), help="variants, one teacher: "
                         "table3 (TTUR, GAN), table4 (backward simulation), all (both), gan (DMD + TTUR with and "
                         "without the GAN), headline (DMD vs GAN with an under-trained teacher), flow (a flow teacher, "
                         "one and four steps)")
@@ -438,7 +417,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     p = build_parser()
     args = p.parse_args(argv)
     given = runs.given_flags(args, Config)
-    setting = SETTINGS.get(args.ablation, {}) | ({"out": "runs/flow"} if given.get("schedule") == "flow" else {})
+    flow = {"out": "runs/flow"} if given.get("schedule") == "flow" else {}
+    setting = small.SETTINGS.get(args.ablation, {}) | flow
     cfg = Config.imagenet(**given) if given.get("teacher") else Config(**(setting | given))
     try:
         if args.resume or args.eval_only:  # the run's own settings, except what the command line changes
@@ -467,7 +447,6 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
     need(cfg.teacher is None or cfg.data is not None or args.benchmark, "--teacher needs --data (the real images of "
          "the GAN term)")
     need(1 <= cfg.steps <= 500, f"--steps must be in [1, 500], got {cfg.steps}")
-    need(cfg.schedule in ("edm", "flow"), f"--schedule must be edm or flow, got {cfg.schedule}")
     need(cfg.schedule == "edm" or cfg.teacher is None, "--schedule flow trains a small flow teacher: EDM pickles "
          "(--teacher) are EDM-schedule networks")
     need(args.seeds >= 1 and (args.seeds == 1 or args.ablation), "--seeds N (>= 1) goes with --ablation")

@@ -287,6 +287,23 @@ def teacher_metrics(out: str, setup: dict, n: int, score) -> dict:
 # Tables 3 and 4 at small scale: every variant from the same teacher, over seeds.
 
 
+ABLATION = {  # name -> overrides of the run's settings
+    "DMD without TTUR (ratio 1)": dict(ratio=1, gan_g=0.0, gan_d=0.0),
+    "DMD + TTUR (ratio 5)": dict(ratio=5, gan_g=0.0, gan_d=0.0),
+    "DMD + TTUR + GAN": dict(ratio=5),
+    "GAN alone": dict(ratio=1, dmd_weight=0.0),
+    "4 steps, backward simulation": dict(steps=4),
+    "4 steps, no backward simulation": dict(steps=4, backward_simulation=False),
+    "GAN + TTUR (no DMD)": dict(ratio=5, dmd_weight=0.0),
+}
+names = list(ABLATION)
+TABLES = {"table3": names[:4], "table4": names[4:6], "all": names[:6], "gan": names[1:3],
+          "headline": [names[2], names[1], names[6]], "flow": [names[2], names[4]]}
+# each table's setting (flags given on the command line win): an under-trained teacher, far from the data; the flow
+SETTINGS = {"headline": dict(out="runs/headline", teacher_iters=400, iters=800, decay_iters=800),
+            "flow": dict(out="runs/flow", schedule="flow")}
+
+
 def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, dict]:
     """run_variant(name, overrides, seed) -> (metrics, history) for each variant and seed; returns the table
     (markdown: mean +- standard deviation over seeds of FD, KID, accuracy, brightness std) and the brightness

@@ -21,7 +21,7 @@ PARSERS = {"train_imagenet.py": lambda argv: train_imagenet.build_parser().parse
 def commands(text: str) -> list[str]:
     """Shell lines of the page's code blocks (continuations joined, comments dropped) that run one of the scripts."""
     out = []
-    for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S):
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if any(w in PARSERS for w in words) and words[0] in ("python", "torchrun", "OMP_NUM_THREADS=1"):

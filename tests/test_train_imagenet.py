@@ -81,11 +81,12 @@ def test_ablation_writes_the_table_and_leaves_the_run_alone(tiny_run, tmp_path):
     assert open(os.path.join(run, "ablation.md")).read() == table
     assert os.path.isfile(os.path.join(run, "ablation_brightness.png"))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
-    assert [r[0] for r in rows[:6]] == list(ti.ABLATION) and [r[1] for r in rows[:6]] == ["1"] * 4 + ["4"] * 2
+    assert [r[0] for r in rows[:6]] == ti.small.TABLES["all"] and [r[1] for r in rows[:6]] == ["1"] * 4 + ["4"] * 2
     assert all(float(r[2]) > 0 and 0 <= float(r[4]) <= 1 and float(r[5]) >= 0 for r in rows[:6])
     assert rows[6][:2] == ["teacher (euler)", "4"] and rows[7][:2] == ["teacher (heun)", "35"]
     assert rows[8][0] == "real vs real (floor)" and "±" in rows[8][3]
-    for name, over in ti.ABLATION.items():  # each variant trained with its own settings, from the same teacher
+    for name in ti.small.TABLES["all"]:  # each variant trained with its own settings, from the same teacher
+        over = ti.small.ABLATION[name]
         slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(" ", "_").lower()
         cfg = ti.edm.read_checkpoint(os.path.join(run, "ablation", slug + "_seed0"))["config"]
         assert all(cfg[k] == v for k, v in over.items()) and cfg["iters"] == 12
