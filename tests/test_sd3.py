@@ -44,6 +44,23 @@ def test_condition_and_schedule_are_the_pipelines(pipes):
     assert isinstance(base.schedule, dmd2.FlowSchedule) and base.schedule.shift == 3.0
 
 
+def test_condition_with_t5_is_the_pipelines(tmp_path):
+    """With T5: its 256 tokens after the CLIPs' 16, as the pipeline's; --no-t5 (t5=False) puts zeros in their place."""
+    from tiny_pipelines import tiny_sd3
+
+    path = str(tiny_sd3(tmp_path / "sd3t5", t5=True))
+    prompts = ["a cat", "the red car photo"]
+    cond, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(path).encode_prompt(
+        prompts, None, None, device=CPU, do_classifier_free_guidance=False)
+    c = sd.encode_prompts(sd.load_base(path, CPU, net=False), prompts, 32)
+    torch.testing.assert_close(c["encoder_hidden_states"], cond)
+    torch.testing.assert_close(c["pooled_projections"], pooled)
+    assert c["encoder_hidden_states"][:, 16:].abs().sum() > 0, "T5's tokens are there"
+    no_t5 = sd.encode_prompts(sd.load_base(path, CPU, net=False, t5=False), prompts, 32)
+    torch.testing.assert_close(no_t5["encoder_hidden_states"][:, :16], cond[:, :16])
+    assert no_t5["encoder_hidden_states"][:, 16:].abs().sum() == 0
+
+
 def test_denoiser_is_x0_from_velocity_and_bottleneck_is_the_middle_block(pipes):
     base = sd.load_base(pipes["sd3"], CPU)
     net, c = base.net, sd.encode_prompts(base, ["a cat", "red car"], 32)

@@ -105,11 +105,22 @@ def tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def tiny_sd3(path: str | Path, seed: int = 0, shift: float = 3.0) -> Path:
-    """An SD3.5-shaped pipeline (StableDiffusion3Pipeline) saved to `path` without T5 (as diffusers allows): two
-    CLIP text encoders with projections (pooled 32 + 32), a joint text width of 80 (wider than the CLIPs' 64, so the
-    padding is exercised), an MMDiT with SD3.5 Medium's dual attention and RMS qk-norm, a VAE with 8 latent channels
-    and SD3's shift and scale, and the flow-matching scheduler with a timestep shift."""
+def tiny_t5(path: Path):
+    """A tiny T5 encoder (80-d, SD3's joint text width here) and a Unigram T5 tokenizer of a few words."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", *("\u2581" + w for w in "a cat the dog and red car blue sky photo".split()),
+             *LETTERS]
+    T5TokenizerFast(vocab=[(w, -float(i)) for i, w in enumerate(words)], extra_ids=0).save_pretrained(str(path))
+    tok = T5TokenizerFast.from_pretrained(str(path))
+    return tok, T5EncoderModel(T5Config(vocab_size=len(tok), d_model=80, d_ff=64, d_kv=16, num_heads=2, num_layers=2))
+
+
+def tiny_sd3(path: str | Path, seed: int = 0, shift: float = 3.0, t5: bool = False) -> Path:
+    """An SD3.5-shaped pipeline (StableDiffusion3Pipeline) saved to `path`, without T5 (as diffusers allows) unless
+    `t5`: two CLIP text encoders with projections (pooled 32 + 32), a joint text width of 80 (wider than the CLIPs'
+    64, so the padding is exercised), an MMDiT with SD3.5 Medium's dual attention and RMS qk-norm, a VAE with 8
+    latent channels and SD3's shift and scale, and the flow-matching scheduler with a timestep shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -121,11 +132,12 @@ def tiny_sd3(path: str | Path, seed: int = 0, shift: float = 3.0) -> Path:
                                         caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8,
                                         dual_attention_layers=(0,), qk_norm="rms_norm")
     encoders = [CLIPTextModelWithProjection(_text_config(len(tok), projection_dim=32)) for _ in range(2)]
+    tok3, enc3 = tiny_t5(path.with_name(path.name + "-t5")) if t5 else (None, None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=_vae(1.5305, 8, shift_factor=0.0609, use_quant_conv=False,
                                           use_post_quant_conv=False),
-        text_encoder=encoders[0], text_encoder_2=encoders[1], text_encoder_3=None, tokenizer=tok, tokenizer_2=tok,
-        tokenizer_3=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
+        text_encoder=encoders[0], text_encoder_2=encoders[1], text_encoder_3=enc3, tokenizer=tok, tokenizer_2=tok,
+        tokenizer_3=tok3, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
     pipe.save_pretrained(str(path))
     return path
 
