@@ -179,6 +179,9 @@ class FlowSchedule(Schedule):
         # 1 / sigma^2: |x0_pred - x|^2 / sigma^2 = |v_pred - v|^2, the flow-matching loss of SD3's own training
         return self.coefficients(t, dtype=torch.float64)[1].pow(-2).float()
 
+    def eps_to_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("x0 from eps divides by alpha, 0 at a flow's last index: use velocity_to_x0")
+
     def velocity_to_x0(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 = x_t - sigma_t v, the denoiser of a velocity network (v = eps - x, diffusers' sign)."""
         return x_t.float() - self.sigma(t, x_t) * v.float()

@@ -21,7 +21,6 @@ import math
 import os
 from pathlib import Path
 
-import diffusers
 import torch
 
 import dmd2
@@ -55,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ev.add_argument("--clip-model", default="ViT-g-14")
     ev.add_argument("--clip-pretrained", default="laion2b_s12b_b42k")
     args = p.parse_args(argv)
-    if args.batch < 1 or args.n < 1:
-        p.error("--batch and --n must be >= 1")
+    if args.batch < 1 or args.n < 1 or args.seed < 0:
+        p.error("--batch and --n must be >= 1, --seed >= 0")
     return args
 
 
@@ -116,7 +115,7 @@ def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, 
     left: a LoRA generator is fused into the base weights (one with its peft layers switched off, as the teacher
     runs, would be the teacher)."""
     device, src, kind = base.vae.device, Path(args.source), sd.subfolder(base.family)
-    cls = diffusers.SD3Transformer2DModel if base.family == "sd3" else diffusers.UNet2DConditionModel
+    cls = sd.network_class(base.family)
     if ckpt is not None:
         return sd.load_student(ckpt, device, dtype)
     for folder in (src / kind, src):  # a diffusers model folder (an export folder holds one in unet/ or transformer/)
@@ -250,8 +249,8 @@ def check_source(source: str) -> str:
     src = Path(source)
     if not src.exists():
         raise ValueError(f"{source}: no such file or folder")
-    if src.is_dir() and not any((src / f).is_file() for f in ("checkpoint.pt", "config.json", "dmd2.json")) and \
-            lora_file(src) is None:
+    students = ("checkpoint.pt", "config.json", "dmd2.json", "unet/config.json", "transformer/config.json")
+    if src.is_dir() and not any((src / f).is_file() for f in students) and lora_file(src) is None:
         raise ValueError(f"{source}: no student here: expected a run folder (checkpoint.pt), an export or diffusers "
                          f"model folder (config.json, dmd2.json), or LoRA weights (pytorch_lora_weights.*)")
     ckpt = src / "checkpoint.pt" if src.is_dir() else src

@@ -150,9 +150,9 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
             sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
         if nets.ema is not None:
             nets.ema.load_state_dict(ck["ema"])
-        runs.set_rng_state({"gen": gen, "k": k_gen}, ck["rng"][rank])
+        runs.set_rng_state({"gen": gen} | ({"k": k_gen} if "k" in ck["rng"][rank] else {}), ck["rng"][rank])
         real.load_state_dict(ck["data"][rank])
-        averages.load_state_dict(ck["averages"][rank])  # a log interval under way
+        averages.load_state_dict(ck.get("averages", [{}] * world)[rank])  # a log interval under way
         start, history = ck["step"], ck["history"]
     log = runs.Log(cfg.out)
     log.restart(history)  # the log restarts from the checkpoint's history (lines after it would repeat)
@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     args = p.parse_args(argv)
     given = runs.given_flags(args, Config)
     flow = {"out": "runs/flow"} if given.get("schedule") == "flow" else {}
-    setting = small.SETTINGS.get(args.ablation, {}) | flow
+    setting = flow | small.SETTINGS.get(args.ablation, {})
     cfg = Config.imagenet(**given) if given.get("teacher") else Config(**(setting | given))
     try:
         if args.resume or args.eval_only:  # the run's own settings, except what the command line changes

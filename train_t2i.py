@@ -124,7 +124,8 @@ def make_config(given: dict) -> Config:
     out = Path(given.get("out", Config.out))
     if given.get("resume"):
         ck = runs.load_file(sd.find_checkpoint(str(out)), "checkpoint of train_t2i.py", mmap=True)
-        fixed = ("model", "mode", "lora_rank", "lora_alpha", "resolution", "steps", "conditioning_timestep", "dist")
+        fixed = ("model", "mode", "lora_rank", "lora_alpha", "resolution", "steps", "conditioning_timestep", "dist",
+                 "t5")
         return runs.resumed_config(Config, ck["config"], ck["step"], given, fixed)
     runs.require(not (out / "checkpoint.pt").exists(), f"{out / 'checkpoint.pt'} exists: pass --resume to continue "
                  f"that run, or choose another --out")
@@ -135,10 +136,7 @@ def validate(cfg: Config, world: int) -> None:
     """Clear errors for bad input, before anything heavy is loaded."""
     if not cfg.preset:
         raise ValueError(f"--preset is required: one of {', '.join(PRESETS)}")
-    fam, names = sd.family(cfg.model), {"sd15": "SD v1.5", "sdxl": "SDXL", "sd3": "SD3"}
-    want = "sd3" if cfg.preset.startswith("sd3") else cfg.preset[:4]
-    if fam != want:
-        raise ValueError(f"--preset {cfg.preset} is for {names[want]}, but {cfg.model} is {names[fam]}-based")
+    check_family(cfg.preset, sd.family(cfg.model), cfg.model)
     read_prompts(cfg.prompts)
     if needs_real(cfg) and not cfg.real_images:
         raise ValueError("--real-images is required: the GAN term (and the no-backward-simulation ablation) "
@@ -147,12 +145,15 @@ def validate(cfg: Config, world: int) -> None:
         raise ValueError(f"--mode must be one of {MODES}, --dist one of {DISTS}")
     if cfg.dist == "fsdp" and cfg.mode != "full" and world > 1:
         raise ValueError("--dist fsdp shards full fine-tuning; LoRA modes use DDP (--dist ddp)")
-    if cfg.steps < 1 or not 0 <= cfg.conditioning_timestep < 1000 or cfg.batch < 1 or cfg.iters < 1:
-        raise ValueError("need --steps >= 1, 0 <= --conditioning-timestep < 1000, --batch >= 1, --iters >= 1")
+    if cfg.steps < 1 or not 0 <= cfg.conditioning_timestep < 1000 or cfg.batch < 1 or cfg.iters < 1 or cfg.seed < 0:
+        raise ValueError("need --steps >= 1, 0 <= --conditioning-timestep < 1000, --batch >= 1, --iters >= 1, "
+                         "--seed >= 0")
     if cfg.warmup_pairs and cfg.steps != 1:
         raise ValueError("the LPIPS warm-up (--warmup-pairs) is for one-step generators (App. F.4)")
     if cfg.init:
-        runs.load_file(sd.find_checkpoint(cfg.init), "checkpoint of train_t2i.py", mmap=True)
+        init = runs.load_file(sd.find_checkpoint(cfg.init), "checkpoint of train_t2i.py", mmap=True)["config"]
+        if init.get("t5", True) != cfg.t5:
+            raise ValueError(f"--init {cfg.init} was trained {'with' if init.get('t5', True) else 'without'} T5")
     elif cfg.preset == "sd15-stage2" and not cfg.resume:
         raise ValueError("--preset sd15-stage2 continues stage 1 (App. F.3): pass --init STAGE1_RUN")
     m = sd.downsampling(cfg.model)
@@ -161,6 +162,12 @@ def validate(cfg: Config, world: int) -> None:
         raise ValueError(f"--resolution {cfg.resolution}: must be a multiple of {m} (VAE x network downsampling) "
                          f"with a power-of-two bottleneck of at least 4 for the GAN head, e.g. {m * 4}, {m * 8}, "
                          f"{m * 16}")
+
+
+def check_family(preset: str, fam: str, model: str) -> None:
+    names, want = {"sd15": "SD v1.5", "sdxl": "SDXL", "sd3": "SD3"}, "sd3" if preset.startswith("sd3") else preset[:4]
+    if fam != want:
+        raise ValueError(f"--preset {preset} is for {names[want]}, but {model} is {names[fam]}-based")
 
 
 def needs_real(cfg: Config) -> bool:
@@ -371,7 +378,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
         for s in scheds.values():  # both schedules advance every iteration (warm-up counts iterations)
             s.step()
         logs = {k: getattr(v, "full_tensor", lambda v=v: v)().float() for k, v in logs.items()}  # FSDP: DTensors
-        watch.add(logs, it)
+        watch.add(logs, it + 1)
         averages.add(logs)
         if (it + 1) % cfg.log_every == 0 or (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters:
             watch.check(f"{ckpt_path} (step {saved[0]})" if saved[0] is not None else "none was written yet")
@@ -404,6 +411,7 @@ def measure(given: dict, arch: str, benchmark: bool) -> dict:
     the preset (default: sd15, sdxl-4step or sd35m-4step) and flags, from --model's configs or the built-in --arch."""
     fam, net_cfg, text_cfgs, vae_cfg = memory.configs(given.get("model"), arch, given.get("t5", True))
     preset = given.get("preset") or {"sd15": "sd15", "sdxl": "sdxl-4step", "sd3": "sd35m-4step"}[fam]
+    check_family(preset, fam, given.get("model") or f"--arch {arch}")
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     hp = dmd2.TTUR(ratio=cfg.ratio, gan_g=cfg.gan_g, gan_d=cfg.gan_d, w=cfg.w)
     kw = dict(mode=cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, resolution=cfg.resolution,

@@ -37,7 +37,7 @@ PEAK_BF16 = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "H20": 148.0, "A1
              "RTX 4090": 165.2, "A10": 125.0, "L4": 121.0}
 FAMILIES = [("attention", r"attention|flash|efficient_attention|softmax|bmm|baddbmm|einsum"),
             ("convolution", r"conv|cudnn"), ("matmul", r"addmm|\bmm\b|linear|matmul"),
-            ("normalization", r"norm"), ("optimizer", r"_foreach|adam"), ("copies", r"copy|to\b|contiguous|cat")]
+            ("normalization", r"norm"), ("optimizer", r"_foreach|adam"), ("copies", r"copy|\bto\b|contiguous|\bcat\b")]
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -87,16 +87,20 @@ def host_syncs(fn: Callable[[], None], device: torch.device) -> dict | None:
 
 
 def time_by_family(fn: Callable[[], None], device: torch.device) -> dict[str, float]:
-    """Share of the device (CPU: host) self time of each operator family over one call of fn, in percent."""
+    """Share of the device (CPU: host) self time of each operator family over one call of fn, in percent: the time
+    of each PyTorch operator (aten::...), its kernels' on a GPU, by the operator's name, not the kernels'."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
     totals: dict[str, float] = {}
     for e in prof.key_averages():
+        if e.device_type != DeviceType.CPU:  # kernels: counted in their operators' device time
+            continue
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         family = next((f for f, pattern in FAMILIES if re.search(pattern, e.key.lower())), "elementwise and other")
         totals[family] = totals.get(family, 0.0) + us

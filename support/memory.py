@@ -15,17 +15,14 @@ the text encoders' and VAE's activations (small and transient; latents can be ca
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import (
     AutoConfig,
     CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
     T5Config,
-    T5EncoderModel,
 )
 
 import dmd2
@@ -111,11 +108,9 @@ def build_base(fam: str, net_cfg: dict, text_cfgs: list[dict], vae_cfg: dict, de
     """The pipeline's parts from configs with random weights on `device` (meta: shapes only), frozen ones in bf16
     as train_t2i.py loads them on a GPU; no tokenizers (conditions are drawn at random, `random_conditions`)."""
     with torch.device(device):
-        classes = {"sd15": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
-                   "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]}[fam]
         text = [cls(T5Config(**c) if "d_model" in c else CLIPTextConfig(**c)).to(torch.bfloat16).requires_grad_(False)
-                for cls, c in zip(classes, text_cfgs, strict=False)]
-        net = (SD3Transformer2DModel if fam == "sd3" else UNet2DConditionModel).from_config(net_cfg)
+                for cls, c in zip(sd.TEXT_ENCODERS[fam], text_cfgs, strict=False)]
+        net = sd.network_class(fam).from_config(net_cfg)
         vae = AutoencoderKL.from_config(vae_cfg).requires_grad_(False)
     return sd.Base(family=fam, net=net.to(torch.bfloat16).requires_grad_(False), vae=vae, tokenizers=[],
                    text_encoders=text + [None] * (fam == "sd3" and len(text) == 2),

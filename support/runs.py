@@ -280,7 +280,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, choices: dict | None
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split(" ")[0]
         title, h = helps.get(f.name, ("", ""))
-        group = groups.setdefault(title, p.add_argument_group(title or None))
+        if title not in groups:
+            groups[title] = p.add_argument_group(title or None)
+        group = groups[title]
         if default_note:
             h = f"{h} (default: {f.default!r}{default_note})"
         if kind == "bool":
@@ -420,35 +422,28 @@ class Averages:
 
 class NonFinite:
     """Watches every iteration's losses for inf / NaN without waiting on the device (no host sync in the loop): the
-    first bad iteration and its losses stay on the device until `check` (one sync, at log intervals and before
-    checkpoints) stops every process with them and the last checkpoint actually written."""
+    first bad iteration of each loss stays on the device until `check` (one sync, at log intervals and before
+    checkpoints) stops every process, naming the losses and the iteration, and the last checkpoint written."""
 
     def __init__(self):
-        self.first: torch.Tensor | None = None  # the first bad iteration (inf: none)
-        self.values: dict[str, torch.Tensor] = {}  # its losses
+        self.first: dict[str, torch.Tensor] = {}  # loss -> the first iteration it was not finite (inf: none yet)
 
     def add(self, logs: dict[str, torch.Tensor], step: int) -> None:
-        values = {k: v.detach().float() for k, v in logs.items()}
-        bad = ~torch.isfinite(torch.stack(list(values.values()))).all()
-        step_t = torch.where(bad, float(step), float("inf"))
-        if self.first is None:
-            self.first, self.values = step_t, values
-            return
-        new = step_t < self.first
-        self.values = {k: torch.where(new, v, self.values[k]) if k in self.values else v for k, v in values.items()}
-        self.first = torch.minimum(self.first, step_t)
+        for k, v in logs.items():
+            bad = torch.where(torch.isfinite(v.detach().float()), float("inf"), float(step))
+            self.first[k] = torch.minimum(self.first[k], bad) if k in self.first else bad
 
     def check(self, last: str) -> None:
-        if self.first is None:
+        if not self.first:
             return
-        first = self.first.clone()
-        if dist.is_initialized():
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        if math.isfinite(first.item()):
-            logs = {k: round(v.item(), 4) for k, v in self.values.items()}
-            hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if not math.isfinite(
-                logs.get("loss_dmd", 0.0)) else ""
-            raise FloatingPointError(f"non-finite loss at iteration {int(first.item())}: {logs}{hint}; last good "
+        firsts = torch.stack(list(self.first.values()))
+        if dist.is_initialized():  # every rank logs the same losses, in the same order
+            dist.all_reduce(firsts, op=dist.ReduceOp.MIN)
+        step = firsts.min().item()
+        if math.isfinite(step):
+            bad = [k for k, f in zip(self.first, firsts.tolist(), strict=True) if f == step]
+            hint = " (the teacher or the fake score predicts inf/NaN, or G diverged)" if "loss_dmd" in bad else ""
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at iteration {int(step)}{hint}; last good "
                                      f"checkpoint: {last}")
 
 

@@ -22,6 +22,7 @@ the middle block and everything else stay as they are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -50,6 +51,8 @@ LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_ou
                                 "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                                 "ff_context.net.2"]}
 T5_TOKENS = 256  # SD3's max_sequence_length (its pipeline's default)
+TEXT_ENCODERS = {"sd15": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
+                 "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]}
 
 # ----------------------------------------------------------------------------------------------------
 # The base model: the denoising network, VAE, text encoders and noise schedule, loaded with from_pretrained.
@@ -74,8 +77,9 @@ class Base:
         return self.vae.config.latent_channels
 
 
+@functools.lru_cache
 def model_index(model: str) -> dict:
-    """The pipeline's model_index.json, or a clear error."""
+    """The pipeline's model_index.json, or a clear error (read once per model)."""
     if not model:
         raise ValueError("--model is required: a diffusers model id or folder")
     if os.path.exists(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
@@ -98,6 +102,10 @@ def subfolder(fam: str) -> str:
     return "transformer" if fam == "sd3" else "unet"
 
 
+def network_class(fam: str) -> type:
+    return diffusers.SD3Transformer2DModel if fam == "sd3" else diffusers.UNet2DConditionModel
+
+
 def load_base(model: str, device: torch.device, dtype: torch.dtype = torch.float32, net: bool = True,
               t5: bool = True) -> Base:
     """The pipeline's parts; frozen ones in `dtype` without gradients. t5=False leaves SD3's T5 out (zeros in its
@@ -117,10 +125,8 @@ def load_base(model: str, device: torch.device, dtype: torch.dtype = torch.float
     names = {"sd15": [""], "sdxl": ["", "_2"], "sd3": ["", "_2", "_3"]}[fam]
     if fam == "sd3" and not (t5 and (index.get("text_encoder_3") or [None])[0]):  # T5 left out, or saved without
         names = names[:2]
-    classes = {"sd15": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
-               "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]}[fam]
     encoders = [cls.from_pretrained(model, subfolder="text_encoder" + n, torch_dtype=dtype).to(device)
-                for cls, n in zip(classes, names, strict=False)]
+                for cls, n in zip(TEXT_ENCODERS[fam], names, strict=False)]
     config = diffusers.SD3Transformer2DModel.load_config(model, subfolder="transformer") if fam == "sd3" else {}
     return Base(family=fam, net=load_net(model, device, dtype) if net else None,
                 vae=AutoencoderKL.from_pretrained(model, subfolder="vae").to(device).requires_grad_(False),
@@ -132,8 +138,7 @@ def load_base(model: str, device: torch.device, dtype: torch.dtype = torch.float
 def load_net(model: str, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The pipeline's denoising network: its UNet, or SD3's transformer."""
     fam = family(model)
-    cls = diffusers.SD3Transformer2DModel if fam == "sd3" else diffusers.UNet2DConditionModel
-    return cls.from_pretrained(model, subfolder=subfolder(fam), torch_dtype=dtype).to(device)
+    return network_class(fam).from_pretrained(model, subfolder=subfolder(fam), torch_dtype=dtype).to(device)
 
 
 def time_ids(resolution: int, n: int, device: torch.device) -> torch.Tensor:
@@ -211,6 +216,8 @@ def checkpoint_as_run(module: nn.Module, *args):
     """diffusers' gradient-checkpointing function: recompute `module` in backward with the requires_grad flags
     and LoRA adapter it first ran with. Both change before backward: dmd2's generator step unfreezes mu_fake,
     and a shared base switches adapters; recomputing under other ones would build a different graph."""
+    if getattr(module, "_stop_here", False):  # `bottleneck_features` stops before this block, not inside checkpoint
+        raise _Bottleneck(args[0])
     params, layers = list(module.parameters()), lora_layers(module)
     flags, adapters = [p.requires_grad for p in params], [(m._active_adapter, m._disable_adapters) for m in layers]
 
@@ -254,6 +261,7 @@ def bottleneck_features(net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, c
         raise _Bottleneck(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
     hook = stop_at.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+    stop_at._stop_here = True  # a checkpointed block: stopped by `checkpoint_as_run`, before its checkpoint starts
     try:
         _call(net, x_t, time, cond)
     except _Bottleneck as e:
@@ -262,6 +270,7 @@ def bottleneck_features(net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, c
         raise RuntimeError("the network returned without reaching its bottleneck")
     finally:
         hook.remove()
+        stop_at._stop_here = False
     if is_transformer(net):  # [B, N, C] -> [B, C, H / p, W / p]
         p = net.config.patch_size
         h = h.transpose(1, 2).reshape(len(h), -1, x_t.shape[-2] // p, x_t.shape[-1] // p)
@@ -276,7 +285,8 @@ def net_factor(config: dict) -> int:
 def downsampling(model: str) -> int:
     """Image pixels per bottleneck cell: the VAE's factor times the network's."""
     vae = AutoencoderKL.load_config(model, subfolder="vae")
-    net = AutoencoderKL.load_config(model, subfolder=subfolder(family(model)))  # any model's config.json
+    fam = family(model)
+    net = network_class(fam).load_config(model, subfolder=subfolder(fam))
     return 2 ** (len(vae["block_out_channels"]) - 1) * net_factor(net)
 
 

@@ -29,6 +29,7 @@ from support.edm import EDMDenoiser, make_schedule, small_unet, teacher_sampler
 from support.runs import barrier, ema_update, is_main, load_file, save_atomic, stream_seed
 
 TRAIN_SIZE = 4000  # MNIST digits in the training split (the other 1,000 are held out for evaluation)
+SPLIT = "stream_seed(0, 'split')"  # the held-out split's permutation: part of every cache key (teacher, classifier)
 
 
 def mnist_digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,6 +163,8 @@ def _cached(path: str, what: str, key: dict) -> dict | None:
         return None
     cached = load_file(path, what)
     saved = cached["key"]
+    if not isinstance(saved, dict):  # a cache of an older version: keys were lists
+        saved = {"version": "older"}
     differ = sorted(k for k in {**saved, **key} if saved.get(k) != key.get(k))
     if differ:
         raise ValueError(f"{path} is a {what} made with {({k: saved.get(k) for k in differ})}, this run asks for "
@@ -191,7 +194,7 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; or evaluate in the small classifier's features only (labelled images): "
                                     f"--no-inception") from None
-    teacher_key = dict(recipe, **({"data": os.path.abspath(data)} if data else {}))
+    teacher_key = dict(recipe, split=SPLIT, **({"data": os.path.abspath(data)} if data else {}))
     path = os.path.join(out, "teacher.pt")
     net = small_unet(recipe["resolution"], recipe["channels"], classes, x_tr.shape[1], recipe["schedule"] == "flow")
     cached, timings["teacher_s"] = _cached(path, "cached teacher (teacher.pt)", teacher_key), 0.0
@@ -206,8 +209,9 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
     net.load_state_dict(cached["net"])
     clf_acc = None
     if classes:
-        path, key = os.path.join(out, "classifier.pt"), dict(resolution=recipe["resolution"], iters=classifier_iters,
-                                                             **({"data": os.path.abspath(data)} if data else {}))
+        key = dict(resolution=recipe["resolution"], iters=classifier_iters, split=SPLIT,
+                   **({"data": os.path.abspath(data)} if data else {}))
+        path = os.path.join(out, "classifier.pt")
         clf = Classifier(recipe["resolution"], classes, in_channels=x_tr.shape[1])
         cached = _cached(path, "cached classifier (classifier.pt)", key)
         if cached is None:

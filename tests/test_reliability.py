@@ -314,3 +314,17 @@ def kill_trials(root, n: int, seed: int = 0, iters: int = 24) -> dict:
 def test_kill_9_and_resume_is_exact(tmp_path):
     result = kill_trials(tmp_path, 3)
     assert result["resumed_exactly"] == result["logs_equal"] == 3, result
+
+
+def test_non_finite_watch_names_the_first_bad_loss_and_iteration():
+    """The losses are watched on the device; the check names the first non-finite one and its iteration, also when
+    later iterations (critic-only ones) do not compute it."""
+    watch = runs.NonFinite()
+    watch.add({"loss_dmd": torch.tensor(float("nan")), "loss_fake": torch.tensor(1.0)}, 5)
+    watch.add({"loss_fake": torch.tensor(2.0)}, 6)
+    watch.add({"loss_fake": torch.tensor(float("inf"))}, 7)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss_dmd at iteration 5 \(the teacher .*none yet"):
+        watch.check("none yet")
+    fine = runs.NonFinite()
+    fine.add({"loss_fake": torch.tensor(1.0)}, 1)
+    fine.check("none yet")  # nothing to report
