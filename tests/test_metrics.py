@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from test_edm import http_server
 
 from support import metrics as ti
+from support.runs import stream_seed
 from support.metrics import (
     MeanCov,
     fid_from_statistics,
@@ -109,14 +110,14 @@ def test_generated_stats_quantise_and_split_over_ranks():
         return torch.cat(rows).double().numpy()
 
     one, _ = ti.generated_stats(sample_fn, (1, 2, 2), 10, 4, 10, extractor, seed=3, device="cpu")
-    feats = reference(3000, [4, 4, 2])
+    feats = reference(stream_seed(3, "eval", 0), [4, 4, 2])
     np.testing.assert_allclose(one.result()[0], feats.mean(0), rtol=1e-12)
     np.testing.assert_allclose(one.result()[1], np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-9)
     parts = [ti.generated_stats(sample_fn, (1, 2, 2), 10, 4, 10, extractor, 3, "cpu", rank=r, world=2)[0]
              for r in range(2)]
     assert [p.n for p in parts] == [5, 5]
     parts[0].merge(parts[1].n, parts[1].mean, parts[1].m2)
-    union = np.concatenate([reference(3000, [4, 1]), reference(3001, [4, 1])])
+    union = np.concatenate([reference(stream_seed(3, "eval", r), [4, 1]) for r in range(2)])
     np.testing.assert_allclose(parts[0].result()[1], np.cov(union, rowvar=False), rtol=1e-9, atol=1e-9)
 
 
