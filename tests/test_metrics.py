@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from test_edm import http_server
 
 from support import metrics as ti
-from support.runs import stream_seed
 from support.metrics import (
     MeanCov,
     fid_from_statistics,
@@ -21,6 +20,7 @@ from support.metrics import (
     inception_extractor,
     load_reference_statistics,
 )
+from support.runs import stream_seed
 
 # ----------------------------------------------------------------------------------------------------
 # FID statistics
