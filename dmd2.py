@@ -335,20 +335,22 @@ class GANHead(nn.Module):
 
     channels: bottleneck channels; resolution: its side, a power of two from 4 to 64. GroupNorm uses up to
     `groups` groups of at least 8 channels (32 for the real UNets' 768-1280 channels): after the 4x4 ->
-    1x1 conv, a group of one channel would normalise to 0 and blind the head."""
+    1x1 conv, a group of one channel would normalise to 0 and blind the head. width: the head's channels after a
+    1x1 conv that first reduces wide features (a transformer's tokens, as NVlabs/FastGen's image-DiT heads);
+    default: the features' own, the paper's head."""
 
-    def __init__(self, channels: int, resolution: int, groups: int = 32):
+    def __init__(self, channels: int, resolution: int, groups: int = 32, width: int | None = None):
         super().__init__()
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(f"GANHead: bottleneck resolution must be a power of two >= 4, got {resolution}")
-        self.channels, self.resolution = channels, resolution
-        g = math.gcd(groups, max(channels // 8, 1))
-        layers: list[nn.Module] = []
+        self.channels, self.resolution, c = channels, resolution, width or channels
+        g = math.gcd(groups, max(c // 8, 1))
+        layers: list[nn.Module] = [nn.Conv2d(channels, c, 1)] if c != channels else []
         for _ in range(int(math.log2(resolution // 4))):  # R -> R/2 -> ... -> 4
-            layers += [nn.Conv2d(channels, channels, 4, 2, 1), nn.GroupNorm(g, channels), nn.SiLU()]
-        layers += [nn.Conv2d(channels, channels, 4, 4, 0), nn.GroupNorm(g, channels), nn.SiLU()]  # 4 -> 1
+            layers += [nn.Conv2d(c, c, 4, 2, 1), nn.GroupNorm(g, c), nn.SiLU()]
+        layers += [nn.Conv2d(c, c, 4, 4, 0), nn.GroupNorm(g, c), nn.SiLU()]  # 4 -> 1
         self.body = nn.Sequential(*layers)
-        self.proj = nn.Linear(channels, 1)
+        self.proj = nn.Linear(c, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, C, R, R] bottleneck features -> [B] logits."""
@@ -461,10 +463,17 @@ class TTUR:
             raise ValueError(f"need 0 <= gan_t_max <= 1, got {self.gan_t_max}")
 
 
+def _params(*modules: Any) -> list[torch.nn.Parameter]:
+    """The trainable parameters of `modules`, each once: a critic module also holds the head passed beside it, and a
+    parameter listed twice would count twice in the clipped norm (and be scaled twice by the clip)."""
+    return list({id(p): p for m in modules if hasattr(m, "parameters") for p in m.parameters() if p.requires_grad}
+                .values())
+
+
 @contextmanager
 def frozen(*modules: Any) -> Iterator[None]:
     """Let gradient flow *through* these modules without reaching their parameters (restored on exit)."""
-    params = [p for m in modules if hasattr(m, "parameters") for p in m.parameters() if p.requires_grad]
+    params = _params(*modules)
     for p in params:
         p.requires_grad_(False)
     try:
@@ -472,10 +481,6 @@ def frozen(*modules: Any) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def _params(*modules: Any) -> list[torch.nn.Parameter]:
-    return [p for m in modules if hasattr(m, "parameters") for p in m.parameters() if p.requires_grad]
 
 
 def _update(loss: torch.Tensor, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],

@@ -31,7 +31,9 @@ from support.data import read_prompts
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = runs.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("source", help="the student: run folder / checkpoint, exported or UNet folder, state dict, LoRA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="text-to-image: the i-th batch of --batch prompts is the stock "
+                   "diffusers pipeline's\nimages with generator=torch.Generator(device).manual_seed(SEED + i) (SD3: "
+                   "its step noise\nfrom torch's global generator, seeded with SEED + i + 1; docs/text-to-image.md)")
     p.add_argument("--out", help="a folder (one PNG per image), or a .png path for one grid (default: samples/; "
                    "class-conditional: <run>/samples_cli.png)")
     p.add_argument("--batch", type=int, default=4, help="images per network call")
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t2i.add_argument("--steps", type=int, help="1 or 4: [999] ([399] for SDXL) or [999, 749, 499, 249]")
     t2i.add_argument("--timesteps", type=int, nargs="+", help="explicit timesteps, e.g. 999 749 499 249")
     t2i.add_argument("--resolution", type=int, help="image side in pixels (default: the run's, or the model's)")
+    t2i.add_argument("--no-t5", action="store_true", help="SD3: without T5 (zeros in its place), for a student "
+                     "distilled with --no-t5\n(its run and export folders record it; other sources need this flag)")
     ev = p.add_argument_group("evaluation (App. G)")
     ev.add_argument("--eval", action="store_true", help="one image per prompt of --prompts, then FID, patch FID, CLIP")
     ev.add_argument("--ref-images", help="reference images (e.g. the COCO 2014 images of the prompts)")
@@ -102,7 +106,9 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
         cfg["model"] = args.model or cfg["model"]
         return cfg["model"], {"timesteps": sd.student_timesteps(cfg["steps"], cfg["conditioning_timestep"]),
                               "resolution": cfg["resolution"], "t5": cfg.get("t5", True)}, c
-    meta = json.loads((src / "dmd2.json").read_text()) if (src / "dmd2.json").is_file() else {}
+    # an export folder's dmd2.json, also for the weights inside it (transformer/ or unet/, the fp16 and LoRA files)
+    found = [f for f in (src / "dmd2.json", src.parent / "dmd2.json") if f.is_file()]
+    meta = json.loads(found[0].read_text()) if found else {}
     model = args.model or meta.get("model")
     if not model:
         raise ValueError(f"{args.source}: pass --model, the base model these weights belong to")
@@ -185,7 +191,7 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, meta, ckpt = resolve_source(args)
-    base = sd.load_base(model, device, dtype, net=False, t5=meta.get("t5", True))
+    base = sd.load_base(model, device, dtype, net=False, t5=meta.get("t5", True) and not args.no_t5)
     timesteps = timesteps_for(args, meta, base.family)
     unet = load_student(args, base, model, ckpt, dtype)
     G = sd.Denoiser(unet.requires_grad_(False), base.schedule)
@@ -195,11 +201,14 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
         raise ValueError(f"--resolution {res}: must be a multiple of {multiple} (VAE x network downsampling)")
     latent = res // base.vae_factor
     images = []
-    for b in range(0, len(prompts), args.batch):
+    for i, b in enumerate(range(0, len(prompts), args.batch)):
         batch = prompts[b:b + args.batch]
-        g = torch.Generator(device).manual_seed(runs.stream_seed(args.seed, "sample", b))
+        g = torch.Generator(device).manual_seed(args.seed + i)  # the latents, as the stock pipeline draws them
         z = torch.randn(len(batch), unet.config.in_channels, latent, latent, generator=g, device=device)
-        x0 = dmd2.sample(G, z, base.schedule, timesteps, sd.encode_prompts(base, batch, res), g)
+        if base.family == "sd3":  # its pipeline draws the step noise from torch's global generator: seeded apart
+            torch.manual_seed(args.seed + i + 1)
+        x0 = dmd2.sample(G, z, base.schedule, timesteps, sd.encode_prompts(base, batch, res),
+                         None if base.family == "sd3" else g)
         images.append(sd.decode(base, x0).cpu())
     images = torch.cat(images)
     out = Path(args.out)

@@ -47,7 +47,7 @@ class Config:
     decay_iters: int = 1200  # end of the cosine decay (independent of iters, so a resumed run keeps its schedule)
     warmup: int = 100  # linear learning-rate warm-up, in training iterations (both optimisers)
     weight_decay: float = 0.01  # AdamW's, both optimisers
-    ema: float = 0.0  # generator EMA decay (the paper uses none); metrics are reported for both
+    ema: float = 0.0  # generator EMA decay (the paper uses none; --resume without one: it starts from G)
     init_from: str | None = None  # start G / critic / head from this checkpoint's weights (new optimizers)
     log_every: int = 50
     ckpt_every: int = 500
@@ -148,8 +148,8 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
             obj.load_state_dict(ck[key])
         for sched in (g_sched, c_sched):  # a learning rate given on the command line wins over the saved one
             sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
-        if nets.ema is not None:
-            nets.ema.load_state_dict(ck["ema"])
+        if nets.ema is not None:  # a run saved without an EMA starts one from its generator
+            nets.ema.load_state_dict(ck["ema"] if ck.get("ema") is not None else G.state_dict())
         runs.set_rng_state({"gen": gen} | ({"k": k_gen} if "k" in ck["rng"][rank] else {}), ck["rng"][rank])
         real.load_state_dict(ck["data"][rank])
         averages.load_state_dict(ck.get("averages", [{}] * world)[rank])  # a log interval under way
@@ -200,6 +200,14 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x, y.clamp(min=0)
     saved = start if resume else None
     best = next(({k: r[k] for k in ("best_fd", "best_it")} for r in reversed(history) if "best_fd" in r), None)
+
+    def evaluated(step: int) -> dict:  # a periodic evaluation, as a row of the log
+        m = evaluate(nets, step)["student"]
+        history.append(dict(it=step, eval_fd=m["fd"], eval_kid=m.get("kid"), eval_acc=m.get("accuracy")))
+        return history[-1]
+
+    if evaluate is not None and cfg.eval_every and start == 0:  # the curve's start: the teacher's weights, one step
+        log.write(evaluated(0))
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="distill", disable=not runs.is_main())
     t0 = time.time()
     for it in bar:
@@ -237,12 +245,12 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
             save(it + 1)
             saved = it + 1
         if evaluate is not None and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters):
-            fd = evaluate(nets, it + 1)["student"]["fd"]
-            if best is None or fd < best["best_fd"]:  # App. F.2: phase 2 starts from the best checkpoint by FID
-                best = dict(best_fd=fd, best_it=it + 1)
-                save(it + 1, os.path.join(cfg.out, "best.pt"), best=dict(fd=fd, step=it + 1))
-            history.append(dict(it=it + 1, eval_fd=fd) | best)
-            log.write(history[-1])
+            row = evaluated(it + 1)
+            if best is None or row["eval_fd"] < best["best_fd"]:  # App. F.2: phase 2 starts from the best checkpoint
+                best = dict(best_fd=row["eval_fd"], best_it=it + 1)
+                save(it + 1, os.path.join(cfg.out, "best.pt"), best=dict(fd=row["eval_fd"], step=it + 1))
+            row.update(best)
+            log.write(row)
     nets.history = history
     return nets
 

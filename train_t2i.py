@@ -196,13 +196,15 @@ def teacher_pairs(cfg: Config, base: sd.Base, prompts: list[str], path: Path, ra
     g = torch.Generator().manual_seed(runs.stream_seed(cfg.seed, "pairs", rank))
     n, latent = math.ceil(cfg.warmup_pairs / world), cfg.resolution // base.vae_factor
     pairs = {"z": [], "x": [], "prompts": []}
+    # SD3: set_timesteps(N) would shift its sigmas twice (the last one 0.0089, not 0.0030): give them unshifted
+    steps = {"sigmas": torch.linspace(1, 1 / 1000, cfg.warmup_teacher_steps).tolist()} if base.family == "sd3" else {}
     for i in tqdm(range(0, n, cfg.batch), desc="teacher pairs", disable=rank != 0):
         b = min(cfg.batch, n - i)
         p = [prompts[j] for j in torch.randint(len(prompts), (b,), generator=g).tolist()]
         z = torch.randn(b, base.latent_channels, latent, latent, generator=g)
         x = pipe(prompt=p, latents=z.to(base.net.device, base.net.dtype), height=cfg.resolution,
                  width=cfg.resolution, guidance_scale=cfg.w, num_inference_steps=cfg.warmup_teacher_steps,
-                 output_type="latent").images
+                 output_type="latent", **steps).images
         pairs["z"].append(z.half()), pairs["x"].append(x.cpu().half()), pairs["prompts"].extend(p)
     pairs = {k: torch.cat(v) if k != "prompts" else v for k, v in pairs.items()}
     runs.save_atomic(pairs, path)

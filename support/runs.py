@@ -227,8 +227,10 @@ def load_file(path: str | Path, what: str, map_location: torch.device | str = "c
 def stream_seed(seed: int, role: str, *index: int) -> int:
     """The seed of one random stream: a run's `seed`, the stream's role ("noise", "eval", "data", ...) and indices
     (a rank, an epoch) mixed by numpy's SeedSequence, so that no two seeds, roles or ranks share a stream (a plain
-    seed * 1000 + rank would give seed s's training noise to seed s - 1's evaluation)."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(role.encode()), *index]).generate_state(1, np.uint64)[0])
+    seed * 1000 + rank would give seed s's training noise to seed s - 1's evaluation). The number of indices is mixed
+    in too: SeedSequence pads with zeros, so (seed, role, 0) would otherwise be the stream of (seed, role)."""
+    words = [seed, zlib.crc32(role.encode())] + ([len(index), *index] if index else [])
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 def rng_state(gens: dict[str, torch.Generator]) -> dict:

@@ -297,6 +297,14 @@ def bottleneck_shape(net: nn.Module, latent: int) -> tuple[int, int]:
     return channels, latent // net_factor(c)
 
 
+def gan_head(net: nn.Module, latent: int) -> dmd2.GANHead:
+    """App. F.1's head on the bottleneck. A transformer's tokens are wide (1,536 channels in SD3.5 Medium, 2,432 in
+    Large, on a 64 x 64 grid at 1024 px): their channels are halved first by a 1x1 conv, as FastGen's image-DiT heads
+    do, which keeps the head near the authors' SDXL head (105M parameters) instead of 189M / 473M."""
+    channels, side = bottleneck_shape(net, latent)
+    return dmd2.GANHead(channels, side, width=channels // 2 if is_transformer(net) else None)
+
+
 class Denoiser(nn.Module):
     """dmd2's denoiser protocol over a diffusers UNet or SD3 transformer (optionally one LoRA adapter of it, or with
     its adapters off). One forward with a `bottleneck` switch, so that DDP and FSDP see every pass of the critic."""
@@ -433,7 +441,7 @@ def build_nets(base: Base, device: torch.device, world: int, model: str, mode: s
     g_mod, f_mod, t_mod = Denoiser(g_unet, sched, g_name), Denoiser(f_unet, sched, f_name), Denoiser(teacher, sched)
     head, h_params = None, []
     if gan:
-        head = dmd2.GANHead(*bottleneck_shape(f_unet, resolution // base.vae_factor)).to(device)
+        head = gan_head(f_unet, resolution // base.vae_factor).to(device)
         h_params = list(head.parameters())
     if world > 1:
         g_mod, f_mod = wrap(g_mod, g_params, fsdp, device), wrap(f_mod, f_params, fsdp, device)
@@ -622,6 +630,12 @@ def export(run: str, out: str | None = None) -> Path:
     meta = {"kind": "text-to-image", "model": c["model"], "resolution": c["resolution"], "preset": c["preset"],
             "timesteps": student_timesteps(c["steps"], c["conditioning_timestep"]), "mode": c["mode"],
             "step": ckpt["step"], "t5": c.get("t5", True)}
+    if fam == "sd3":  # `timesteps` index our table; a diffusers user passes pipe(sigmas=...), unshifted (the scheduler
+        # shifts them), or calls the transformer at 1000 x the shifted sigma
+        table = dmd2.FlowSchedule(diffusers.FlowMatchEulerDiscreteScheduler.load_config(
+            c["model"], subfolder="scheduler")["shift"])
+        meta |= {"sigmas": [(t + 1) / table.T for t in meta["timesteps"]],
+                 "transformer_timesteps": [round(1000 * float(table.sigmas[t]), 3) for t in meta["timesteps"]]}
     (out / "dmd2.json").write_text(json.dumps(meta, indent=1))
     return out
 

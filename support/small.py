@@ -272,7 +272,7 @@ def teacher_metrics(out: str, setup: dict, n: int, score) -> dict:
     it depends only on the teacher and the number of samples."""
     path, flow = os.path.join(out, "teacher_metrics.json"), setup["teacher_key"]["schedule"] == "flow"
     samplers = ((4, False), (8, False), (35, not flow))
-    key = dict(setup["teacher_key"], n=n, metrics="fd+kid",
+    key = dict(setup["teacher_key"], n=n, metrics="fd+kid", streams=2,
                samplers=", ".join(f"{'heun' if heun else 'euler'} {nfe}" for nfe, heun in samplers))
     if os.path.exists(path):
         with open(path) as f:

@@ -3,6 +3,7 @@
 middle-block bottleneck against the transformer itself, training end to end in the full and shared-LoRA modes, and the
 exported student in a stock StableDiffusion3Pipeline with the flow-matching Euler scheduler."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,14 +103,8 @@ def test_four_step_train_resume_export_and_a_stock_pipeline(pipes, data, tmp_pat
     assert {"loss_dmd", "loss_gan_g", "loss_gan_d", "loss_fake"} <= set().union(*a["history"])
     out = tmp_path / "r" / "export"
     assert (out / "transformer" / "config.json").is_file() and (out / "dmd2_sd3_4step_transformer_fp16.bin").is_file()
-    student = SD3Transformer2DModel.from_pretrained(str(out / "transformer"))
-    stock = _stock(pipes["sd3"], transformer=student)
-    stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(stock.scheduler.config, stochastic_sampling=True)
     prompt, seed = "a cat", 3
-    torch.manual_seed(runs.stream_seed(seed, "sample", 0))  # sample.py's noise, drawn by the pipeline from the
-    z = torch.randn(1, 8, 8, 8)  # global generator: the latents first, then each step's fresh noise
-    expected = stock(prompt, latents=z, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=0, height=32, width=32,
-                     output_type="pt").images
+    expected = _stock_images(pipes["sd3"], out, [prompt], seed)
     on_base = ["--model", pipes["sd3"], "--steps", "4"]
     sources = {"run folder": [str(tmp_path / "r")], "export folder": [str(out)],
                "transformer folder": [str(out / "transformer"), *on_base],
@@ -123,6 +118,92 @@ def test_four_step_train_resume_export_and_a_stock_pipeline(pipes, data, tmp_pat
     teacher = sample.main([str(Path(pipes["sd3"]) / "transformer"), *on_base, "--prompt", prompt, "--seed", str(seed),
                            "--out", str(tmp_path / "teacher.png")])
     assert (teacher - expected).abs().max() > 0.05, "the student must not sample as its teacher"
+
+
+def _stock_images(pipe: str, export: Path, prompts: list[str], seed: int) -> torch.Tensor:
+    """The docs' stock recipe: the exported transformer in StableDiffusion3Pipeline, the flow-matching Euler scheduler
+    in its stochastic form (x0, then fresh noise), guidance off, dmd2.json's unshifted sigmas (the scheduler shifts
+    them to the student's), generator=torch.Generator().manual_seed(seed + i) for the i-th prompt (sample.py --batch
+    1) and torch's global generator, from which the pipeline draws the step noise, seeded with seed + i + 1."""
+    meta = json.loads((export / "dmd2.json").read_text())
+    stock = _stock(pipe, transformer=SD3Transformer2DModel.from_pretrained(str(export / "transformer")))
+    stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(stock.scheduler.config, stochastic_sampling=True)
+    images = []
+    for i, p in enumerate(prompts):
+        torch.manual_seed(seed + i + 1)
+        images.append(stock(p, sigmas=meta["sigmas"], guidance_scale=0, height=32, width=32, output_type="pt",
+                            generator=torch.Generator().manual_seed(seed + i)).images)
+    return torch.cat(images)
+
+
+def test_no_t5_student_on_a_pipeline_with_t5_and_another_shift(data, tmp_path):
+    """A student distilled --no-t5 samples without T5 from every kind of SOURCE (the export's dmd2.json is read for
+    the weights inside it; a transformer folder on its own needs sample.py --no-t5), as a stock pipeline loaded with
+    text_encoder_3=None, tokenizer_3=None does; with T5's real tokens the images differ. The pipeline's shift (2, not
+    SD3's 3) reaches the schedule, dmd2.json's sigmas and transformer timesteps, and the stock sampler."""
+    import shutil
+
+    from tiny_pipelines import tiny_sd3
+
+    pipe = str(tiny_sd3(tmp_path / "sd3t5", t5=True, shift=2.0))
+    assert sd.load_base(pipe, CPU, net=False).schedule.shift == 2.0
+    run = tmp_path / "r"
+    common = ["--preset", "sd35m-4step", "--model", pipe, "--prompts", data["prompts"], "--real-images", data["real"],
+              "--resolution", "32", "--batch", "2", "--ratio", "2", "--lr", "3e-2", "--mode", "shared-lora",
+              "--lora-rank", "4", "--no-t5", "--out", str(run)]
+    T.main([*common, "--iters", "2"])
+    T.main([*common, "--iters", "3", "--resume"])
+    with pytest.raises(SystemExit, match="cannot change --t5"):
+        T.main([*common, "--iters", "4", "--resume", "--t5"])
+    with pytest.raises(SystemExit, match="trained without T5"):
+        T.main([*common[:-1], str(tmp_path / "x"), "--iters", "1", "--init", str(run), "--t5"])
+    out = run / "export"
+    meta = json.loads((out / "dmd2.json").read_text())
+    assert meta["t5"] is False and meta["timesteps"] == [999, 749, 499, 249] and meta["sigmas"] == [1, .75, .5, .25]
+    stock_sched = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    stock_sched.set_timesteps(sigmas=meta["sigmas"])
+    assert meta["transformer_timesteps"] == pytest.approx(stock_sched.timesteps.tolist(), abs=1e-3)
+    expected = _stock_images(pipe, out, ["a cat"], 5)  # loaded with text_encoder_3=None, tokenizer_3=None
+    alone = tmp_path / "transformer"
+    shutil.copytree(out / "transformer", alone)  # without the export's dmd2.json beside it
+    on_base = ["--model", pipe, "--steps", "4"]
+    sources = {"run folder": [str(run)], "export folder": [str(out)], "transformer folder": [str(out / "transformer"),
+               "--model", pipe], "fp16 state dict": [str(out / "dmd2_sd3_4step_transformer_fp16.bin"), "--model", pipe],
+               "LoRA file": [str(out / "pytorch_lora_weights.safetensors"), "--model", pipe],
+               "transformer folder alone": [str(alone), *on_base, "--no-t5"]}
+    for i, (kind, argv) in enumerate(sources.items()):
+        images = sample.main([*argv, "--prompt", "a cat", "--seed", "5", "--out", str(tmp_path / f"{i}.png")])
+        torch.testing.assert_close(images, expected, atol=2e-2 if "fp16" in kind else 1e-3, rtol=0, msg=kind)
+    with_t5 = sample.main([str(alone), *on_base, "--prompt", "a cat", "--seed", "5", "--out", str(tmp_path / "t.png")])
+    assert (with_t5 - expected).abs().max() > 1e-3, "T5's tokens change the images"
+    gib = {t5: T.main(["--estimate-memory", "--model", pipe, "--mode", "shared-lora", "--resolution", "32", "--batch",
+                       "1", "--lora-rank", "4", *([] if t5 else ["--no-t5"])])["Parameter"] for t5 in (True, False)}
+    from transformers import T5EncoderModel
+
+    t5_params = sum(p.numel() for p in T5EncoderModel.from_pretrained(pipe, subfolder="text_encoder_3").parameters())
+    assert (gib[True] - gib[False]) * 2**30 == 2 * t5_params, "--no-t5 leaves T5 (bf16) out of the estimate"
+
+
+def test_one_step_lpips_pairs_are_sampled_at_singly_shifted_sigmas(pipes, monkeypatch, tmp_path):
+    """The LPIPS warm-up's teacher pairs on SD3 come from the stock pipeline at the unshifted sigmas linspace(1,
+    0.001, N), which its scheduler shifts once (the last one 0.0030 at shift 3); set_timesteps(N) would shift them
+    twice (0.0089)."""
+    import functools
+
+    seen = []
+    real = FlowMatchEulerDiscreteScheduler.set_timesteps
+
+    @functools.wraps(real)  # the pipeline reads its signature (does it take sigmas?)
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self.sigmas[:-1].clone())
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", spy)
+    cfg = T.Config(model=pipes["sd3"], resolution=32, batch=1, warmup_pairs=1, warmup_teacher_steps=4, w=1.0)
+    T.teacher_pairs(cfg, sd.load_base(pipes["sd3"], CPU), ["a cat"], tmp_path / "pairs.pt", 0, 1)
+    u = torch.linspace(1, 0.001, 4)
+    torch.testing.assert_close(seen[-1], 3 * u / (1 + 2 * u))
+    assert seen[-1][-1] == pytest.approx(0.0030, abs=1e-4)
 
 
 def test_one_step_preset_and_bad_resolution(pipes, data, tmp_path, capsys):

@@ -26,7 +26,7 @@ from tiny_pipelines import write_image_folder
 import dmd2
 import sample
 import train_t2i as T
-from support import runs, sd
+from support import sd
 from support.data import CaptionedImages
 
 
@@ -393,24 +393,25 @@ def test_lora_modes_export_for_load_lora_weights(mode, pipes, data, tmp_path):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-4)
     assert (outs[0] - outs[3]).abs().max() > 1e-4, "the adapter changed the UNet"
-    # every source kind samples the student: the stock diffusers pipeline with LCMScheduler and the explicit
-    # timesteps, the student's fused UNet and the same noise, gives the same images; the teacher's differ
-    prompt, seed, ts = "a cat", 3, [999, 749, 499, 249]
-    g = torch.Generator().manual_seed(runs.stream_seed(seed, "sample", 0))  # sample.py's first batch
-    z = torch.randn(1, 4, 8, 8, generator=g)
+    # every source kind samples the student: sample.py --seed S is the stock diffusers pipeline with LCMScheduler,
+    # the explicit timesteps, the student's fused UNet and generator=torch.Generator().manual_seed(S) (its i-th batch:
+    # S + i); the teacher's images differ
+    prompts, seed, ts = ["a cat", "red car"], 3, [999, 749, 499, 249]
     stock = StableDiffusionXLPipeline.from_pretrained(pipes["sdxl"], unet=merged)
     stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
-    expected = stock(prompt, latents=z, generator=g, timesteps=ts, guidance_scale=0, height=32, width=32,
-                     output_type="pt").images
+    expected = torch.cat([stock(p, generator=torch.Generator().manual_seed(seed + i), timesteps=ts, guidance_scale=0,
+                                height=32, width=32, output_type="pt").images for i, p in enumerate(prompts)])
     on_base = ["--model", pipes["sdxl"], "--steps", "4"]
     sources = {"run folder": [str(tmp_path / "r")], "export folder": [str(out)],
                "UNet folder": [str(out / "unet"), *on_base],
                "fp16 state dict": [str(out / "dmd2_sdxl_4step_unet_fp16.bin"), *on_base],
                "LoRA file": [str(out / "pytorch_lora_weights.safetensors"), *on_base]}
     for i, (kind, argv) in enumerate(sources.items()):
-        images = sample.main([*argv, "--prompt", prompt, "--seed", str(seed), "--out", str(tmp_path / f"{i}.png")])
+        images = sample.main([*argv, "--prompt", prompts[0], "--prompt", prompts[1], "--batch", "1", "--seed",
+                              str(seed), "--out", str(tmp_path / f"{i}.png")])
         tol = 2e-2 if kind == "fp16 state dict" else 1e-3
         torch.testing.assert_close(images, expected, atol=tol, rtol=0, msg=kind)
+    prompt, expected = prompts[0], expected[:1]
     teacher = sample.main([str(Path(pipes["sdxl"]) / "unet"), "--model", pipes["sdxl"], "--steps", "4", "--prompt",
                            prompt, "--seed", str(seed), "--out", str(tmp_path / "teacher.png")])
     assert (teacher - expected).abs().max() > 0.05, "the student must not sample as its teacher"

@@ -309,8 +309,10 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_for_init_from(tmp_path):
     metrics = ti.main(["--out", str(run), *TINY, "--eval-every", "4"])
     rows = [json.loads(line) for line in open(run / "log.jsonl")]
     evals = [r for r in rows if "eval_fd" in r]
-    assert [r["it"] for r in evals] == [4, 8, 12]
-    best = min(evals, key=lambda r: r["eval_fd"])
+    assert [r["it"] for r in evals] == [0, 4, 8, 12], "the curve starts at the teacher's weights (iteration 0)"
+    assert all(0 <= r["eval_acc"] <= 1 and r["eval_kid"] is not None for r in evals)
+    assert "best_fd" not in evals[0], "best.pt is a trained checkpoint"
+    best = min(evals[1:], key=lambda r: r["eval_fd"])
     assert (evals[-1]["best_fd"], evals[-1]["best_it"]) == (best["eval_fd"], best["it"])
     assert metrics["best"] == dict(fd=best["eval_fd"], step=best["it"], checkpoint="best.pt")
     assert metrics["student"]["fd"] == evals[-1]["eval_fd"], "the final evaluation is the last periodic one"
@@ -325,6 +327,19 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_for_init_from(tmp_path):
     assert all(torch.equal(start["G"][k], ck["G"][k]) for k in ck["G"]), "phase 2 starts from best.pt's weights"
     # so does the generator's EMA (lr 0: the EMA of an unchanged generator is that generator, not the teacher)
     assert all(torch.equal(start["ema"][k], ck["G"][k]) for k in ck["G"]), "the EMA starts from best.pt's G"
+
+
+def test_resume_with_an_ema_that_the_run_did_not_keep(tiny_run, tmp_path):
+    """--resume --ema on a run saved without an EMA starts the EMA from the resumed generator (lr 0: they stay
+    equal), instead of loading None into it."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run[0], run)
+    assert ti.edm.read_checkpoint(run)["ema"] is None
+    ti.main(["--out", run, "--resume", "--iters", "14", "--ema", "0.99", "--lr", "0", "--eval-samples", "64"])
+    ck = ti.edm.read_checkpoint(run)
+    assert ck["step"] == 14 and all(torch.equal(ck["ema"][k], ck["G"][k]) for k in ck["G"])
 
 
 def _runs_with(tiny_run, tmp_path, flags: tuple[str, ...]) -> list[dict]:
@@ -367,12 +382,25 @@ class _Recorder(torch.Generator):
         return super().manual_seed(seed)
 
 
-def test_no_two_seeds_share_a_random_stream(tiny_run, tmp_path, monkeypatch):
-    """Runs with --seed 0 and --seed 1 (distillation and evaluation, from the same cached teacher) open disjoint
-    streams, except the two that no run's seed changes (the fixed data split and the brightness probe): with
-    seed * 1000 + rank, seed 1's training noise was seed 0's evaluation noise."""
+def test_no_random_stream_is_shared(tiny_run, tmp_path, monkeypatch):
+    """Every generator a run seeds gets the seed of one stream (seed, role, indices), and no two streams share a
+    seed: not two roles within a run (the old training and evaluation noise), nor two runs' seeds (with
+    seed * 1000 + rank, seed 1's training noise was seed 0's evaluation noise). The fixed data split and the
+    brightness probe are the only streams that no run's seed changes."""
     import shutil
 
+    from support import data, edm, metrics, small
+
+    streams: dict[int, tuple] = {}
+    real = ti.runs.stream_seed
+
+    def recorded(seed, role, *index):
+        value = real(seed, role, *index)
+        assert streams.setdefault(value, (seed, role, *index)) == (seed, role, *index), "two streams, one seed"
+        return value
+
+    for module in (ti.runs, data, edm, metrics, small):
+        monkeypatch.setattr(module, "stream_seed", recorded)
     monkeypatch.setattr(torch, "Generator", _Recorder)
     used = []
     for seed in (0, 1):
@@ -380,10 +408,13 @@ def test_no_two_seeds_share_a_random_stream(tiny_run, tmp_path, monkeypatch):
         shutil.copytree(tiny_run[0], run)
         _Recorder.seeds = []
         ti.main(["--out", run, *TINY, "--iters", "6", "--steps", "2", "--seed", str(seed)])
+        roles = [streams.get(s, ("fixed",) if s == 12345 else None) for s in _Recorder.seeds]
+        assert None not in roles, "a generator seeded outside runs.stream_seed"
+        seen = {r[1:] for r in roles if r[0] == seed}
+        assert {("noise", 0), ("k",), ("data", 0), ("sampler", 0), ("eval", 0), ("grid",), ("grid steps",)} <= seen
         used.append(set(_Recorder.seeds))
-    fixed = {ti.runs.stream_seed(0, "split"), 12345}
-    assert used[0] & used[1] == fixed, "a stream shared by two seeds"
-    assert len(used[0]) > 5, "distillation, data order, backward simulation, evaluation, sampler, grid"
+    assert used[0] & used[1] == {real(0, "split"), 12345}, "a stream shared by two seeds"
+    assert real(0, "noise", 0) != real(0, "noise") and real(0, "noise", 0) != real(0, "noise", 0, 0)
 
 
 def test_multi_step_sampler_noise_differs_between_ranks():

@@ -133,6 +133,30 @@ def test_gradient_clipping():
     assert logs["grad_norm_g"] > 1e-3 and total.item() == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_critic_clip_counts_each_parameter_once():
+    """The critic module holds the GAN head (as edm.Critic does) and the head is also passed beside it: each
+    parameter enters the clipped norm once, so after clipping the gradients' norm is exactly the clip."""
+    teacher, G, fake, head, g_opt, c_opt = _setup()
+
+    class CriticWithHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fake, self.head = fake, head
+
+        def forward(self, x_t, t, cond):
+            return self.fake(x_t, t, cond)
+
+        def features(self, x_t, t, cond):
+            return self.fake.features(x_t, t, cond)
+
+    critic, b = CriticWithHead(), _batch(5)
+    logs = dmd2.critic_step(critic, head, c_opt, torch.randn(4, 3, 8, 8), dmd2.EDMSchedule(), b["cond"], b["x_real"],
+                            b["cond_real"], dmd2.TTUR(gan_d=1e3, max_grad_norm=1e-3))  # the head's gradients weigh
+    total = torch.sqrt(sum((p.grad**2).sum() for p in critic.parameters()))  # each parameter once
+    assert logs["grad_norm_c"] > 1e-2 and total.item() == pytest.approx(1e-3, rel=1e-4)
+    assert all(p.grad.abs().sum() > 0 for p in head.parameters())
+
+
 def test_gan_alone():
     teacher, G, fake, head, g_opt, c_opt = _setup()
     Gc, tc, fc = Counter(G), Counter(teacher), Counter(fake)
