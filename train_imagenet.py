@@ -3,7 +3,7 @@
     python train_imagenet.py                                 # the small experiment: MNIST 16 px, CPU, minutes
     python train_imagenet.py --steps 4 --out runs/mnist-4step  # a 4-step student, backward simulation (Sec. 4.5)
     python train_imagenet.py --schedule flow                 # a rectified-flow teacher (SD3's loss) instead of EDM's
-    python train_imagenet.py --ablation headline --seeds 3   # DMD vs GAN vs both against an under-trained teacher
+    python train_imagenet.py --ablation headline --seeds 3   # App. F.2's two phases: can the GAN beat the teacher?
     torchrun --nproc_per_node 7 train_imagenet.py --teacher edm-imagenet-64x64-cond-adm.pkl --data imagenet-64x64.zip
 
 Without --teacher a small teacher (EDM's ADM UNet and preconditioning, 0.8M parameters) is trained on the MNIST
@@ -59,6 +59,7 @@ class Config:
     dmd_weight: float = 1.0  # 0: GAN alone (Table 3)
     gan_g: float = 3e-2  # generator GAN weight (0: no GAN term)
     gan_d: float = 1e-2  # critic-side classification weight
+    head_lr: float | None = None  # the GAN head's learning rate (default: --lr), with the same warm-up and decay
     t_min: float = 0.02  # DMD timesteps in [t_min T, t_max T]
     t_max: float = 0.98
     gan_t_max: float = 1.0  # GAN noise timesteps in [0, gan_t_max T] (the paper: all of them)
@@ -71,6 +72,7 @@ class Config:
     label_dim: int = 10  # classes of an EDM teacher (0: unconditional); a small teacher takes the data's
     # small scale: the small teacher and the evaluation classifier (no --teacher)
     schedule: str = "edm"  # the small teacher's: edm (Karras, EDM's preconditioning) or flow (rectified flow, SD3's)
+    shift: float = 1.0  # flow: SD3's timestep shift of the distillation's table (the students' steps, DMD's timesteps)
     teacher_iters: int = 1600
     teacher_batch: int = 64
     teacher_lr: float = 2e-3
@@ -113,21 +115,23 @@ class Nets:
 
 
 def build_nets(cfg: Config, teacher_net: nn.Module, channels: int, device: torch.device) -> Nets:
-    G, critic = edm.build_students(teacher_net, edm.make_schedule(cfg.schedule), cfg.label_dim, channels,
-                                   cfg.resolution, cfg.gan_d > 0 or cfg.gan_g > 0, cfg.seed, device)
+    G, critic = edm.build_students(teacher_net, edm.make_schedule(cfg.schedule, cfg.shift), cfg.label_dim,
+                                   channels, cfg.resolution, cfg.gan_d > 0 or cfg.gan_g > 0, cfg.seed, device)
     return Nets(G, critic, copy.deepcopy(G).requires_grad_(False) if cfg.ema > 0 else None)
 
 
 def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int, device: torch.device,
             rank: int, world: int, resume: bool, evaluate=None) -> Nets:
-    schedule = edm.make_schedule(cfg.schedule)
+    schedule = edm.make_schedule(cfg.schedule, cfg.shift)
     teacher = edm.EDMDenoiser(teacher_net.requires_grad_(False), schedule, cfg.label_dim).to(device).eval()
     nets = build_nets(cfg, teacher_net, channels, device)
     G, critic, hp = nets.G, nets.critic, ttur(cfg)
     if cfg.compile:  # after every copy of the networks (build_nets made the EMA's)
         edm.compile_networks(G, critic, teacher)
     opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True)
-    g_opt, c_opt = torch.optim.AdamW(G.parameters(), **opt), torch.optim.AdamW(critic.parameters(), **opt)
+    head = list(critic.head.parameters()) if critic.head is not None else []
+    groups = [{"params": list(critic.fake.parameters())}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    g_opt, c_opt = torch.optim.AdamW(G.parameters(), **opt), torch.optim.AdamW(groups, **opt)
     # both schedules advance every iteration, the generator's too (the paper counts warm-up in iterations)
     factor = runs.warmup_cosine(cfg.warmup, cfg.decay_iters, cfg.lr_final / cfg.lr if cfg.lr > 0 and
                                 cfg.lr_final is not None else 1.0)
@@ -147,7 +151,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         for obj, key in [(g_opt, "g_opt"), (c_opt, "c_opt"), (g_sched, "g_sched"), (c_sched, "c_sched")]:
             obj.load_state_dict(ck[key])
         for sched in (g_sched, c_sched):  # a learning rate given on the command line wins over the saved one
-            sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
+            sched.base_lrs = [cfg.lr, cfg.head_lr or cfg.lr][:len(sched.base_lrs)]
         if nets.ema is not None:  # a run saved without an EMA starts one from its generator
             nets.ema.load_state_dict(ck["ema"] if ck.get("ema") is not None else G.state_dict())
         runs.set_rng_state({"gen": gen} | ({"k": k_gen} if "k" in ck["rng"][rank] else {}), ck["rng"][rank])
@@ -373,10 +377,15 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
     s = setup(cfg, device, {})  # the run folder's teacher and classifier (trained if not there yet)
     base = evaluate(dataclasses.replace(cfg, label_dim=s["label_dim"]), s, None, device, rank, world)
 
+    def folder(name: str, seed: int) -> str:
+        slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(": ", "_").replace(" ", "_").lower()
+        return os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}")
+
     def run_variant(name: str, over: dict, seed: int) -> tuple[dict, list]:
-        slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(" ", "_").lower()
-        sub = dataclasses.replace(cfg, out=os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}"),
-                                  seed=cfg.seed + seed, **over)
+        over = {k: v(cfg) if callable(v) else v for k, v in over.items()}
+        if over.get("init_from") in small.ABLATION:  # a second phase: from that variant's best checkpoint (App. F.2)
+            over = over | {"init_from": os.path.join(folder(over["init_from"], seed), "best.pt")}
+        sub = dataclasses.replace(cfg, out=folder(name, seed), seed=cfg.seed + seed, **over)
         done = os.path.join(sub.out, "metrics.json")  # a finished run of the same settings is reused, not redone
         if not (os.path.exists(done) and edm.read_checkpoint(sub.out)["config"] == asdict(
                 dataclasses.replace(sub, label_dim=s["label_dim"]))):
@@ -385,9 +394,12 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
             return json.load(f), edm.read_checkpoint(sub.out)["history"]
 
     variants = {k: small.ABLATION[k] for k in small.TABLES[table]}
-    table, curves = small.ablation(variants, seeds, run_variant, base)
+    table, curves, fds = small.ablation(variants, seeds, run_variant, base)
     if runs.is_main():
         runs.plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
+        if fds:  # the variants' periodic evaluations, from iteration 0
+            runs.plot(os.path.join(cfg.out, "ablation_fd.png"), fds, "iteration", "Frechet distance (log scale)",
+                      yscale="log")
         with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
             f.write(table)
         print(table)
@@ -408,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     small_.add_argument("--ablation", nargs="?", const="all", choices=list(small.TABLES), help="variants, one teacher: "
                         "table3 (TTUR, GAN), table4 (backward simulation), all (both), gan (DMD + TTUR with and "
-                        "without the GAN), headline (DMD vs GAN with an under-trained teacher), flow (a flow teacher, "
-                        "one and four steps)")
+                        "without the GAN), headline (App. F.2: DMD + TTUR to its best checkpoint, then on with and "
+                        "without the GAN; --teacher-iters 400: a weaker teacher), flow (a flow teacher, one and four "
+                        "steps)")
     small_.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
     speed.add_argument("--benchmark", action="store_true", help="time, FLOPs and network calls of one generator "
                        "update of the ImageNet ADM architecture (random weights) or of --teacher's network")
@@ -418,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # settings a resumed run cannot change: they define the networks (and the cached teacher) in the checkpoint
 FIXED_ON_RESUME = ("teacher", "data", "resolution", "channels", "label_dim", "teacher_iters", "teacher_batch",
-                   "teacher_lr", "teacher_seed", "seed", "steps", "schedule")
+                   "teacher_lr", "teacher_seed", "seed", "steps", "schedule", "shift")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
@@ -457,6 +470,7 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
     need(1 <= cfg.steps <= 500, f"--steps must be in [1, 500], got {cfg.steps}")
     need(cfg.schedule == "edm" or cfg.teacher is None, "--schedule flow trains a small flow teacher: EDM pickles "
          "(--teacher) are EDM-schedule networks")
+    need(cfg.shift > 0 and (cfg.shift == 1 or cfg.schedule == "flow"), "--shift (> 0) goes with --schedule flow")
     need(args.seeds >= 1 and (args.seeds == 1 or args.ablation), "--seeds N (>= 1) goes with --ablation")
     for name in ("teacher", "data", "ref", "init_from"):
         v = getattr(cfg, name)

@@ -176,9 +176,9 @@ class FlowPrecond(nn.Module):
         return x.float() - sigma * self.model(x, 1000 * sigma.flatten(), class_labels).float()
 
 
-def make_schedule(name: str) -> dmd2.Schedule:
-    """The small experiment's schedules by name: "edm" (Karras grid) or "flow" (rectified flow, no shift)."""
-    return dmd2.FlowSchedule() if name == "flow" else dmd2.EDMSchedule()
+def make_schedule(name: str, shift: float = 1.0) -> dmd2.Schedule:
+    """The small experiment's schedules by name: "edm" (Karras grid) or "flow" (rectified flow; no shift by default)."""
+    return dmd2.FlowSchedule(shift) if name == "flow" else dmd2.EDMSchedule()
 
 
 def small_unet(resolution: int, channels: int, label_dim: int, in_channels: int = 1, flow: bool = False) -> nn.Module:
@@ -421,7 +421,7 @@ def load_generator(path: str, device: torch.device | str = "cpu", ema: bool = Fa
                          cfg.get("schedule") == "flow")
     else:
         net = edm_teacher(cfg["teacher"])
-    G = EDMDenoiser(net, make_schedule(cfg.get("schedule", "edm")), cfg["label_dim"])
+    G = EDMDenoiser(net, make_schedule(cfg.get("schedule", "edm"), cfg.get("shift", 1.0)), cfg["label_dim"])
     load_weights(G, state, path)
     return G.to(device).eval().requires_grad_(False), cfg
 

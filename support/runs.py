@@ -453,7 +453,8 @@ def nonfinite(row: dict) -> bool:
     return not all(math.isfinite(v) for v in row.values() if isinstance(v, int | float))
 
 
-def plot(path: str | Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "") -> None:
+def plot(path: str | Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "",
+         yscale: str = "linear") -> None:
     """Line plot of {label: (xs, ys)} as a PNG (matplotlib, no display needed)."""
     import matplotlib
 
@@ -463,7 +464,7 @@ def plot(path: str | Path, series: dict[str, tuple[list, list]], xlabel: str, yl
     fig, ax = plt.subplots(figsize=(7, 4) if len(series) > 1 else (6, 3.5))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale=yscale)
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -18,14 +18,30 @@ PARSERS = {"train_imagenet.py": lambda argv: train_imagenet.build_parser().parse
            "train_t2i.py": train_t2i.parse_args, "sample.py": sample.parse_args}
 
 
-def commands(text: str) -> list[str]:
-    """Shell lines of the page's code blocks (continuations joined, comments dropped) that run one of the scripts."""
+FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)  # (language, body) of each fenced code block
+SCRIPT = re.compile(r"(?:^|/)(" + "|".join(re.escape(s) for s in PARSERS) + r")$")
+
+
+def commands(text: str) -> list[tuple[str | None, list[str], str]]:
+    """(script, its arguments, the line) of every line in the page's shell code blocks (untagged or bash / sh /
+    shell / console; continuations joined, comments dropped) that names one of the scripts. The script is run by
+    `python`, `python3`, `python -m`, `torchrun ...` or as `./script.py`, after any environment variables; a line
+    naming a script in another form comes back with script None, so that no command escapes the check."""
     out = []
-    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
+    for block in (body for lang, body in re.findall(FENCED, text) if lang in ("", "bash", "sh", "shell", "console")):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            if any(w in PARSERS for w in words) and words[0] in ("python", "torchrun", "OMP_NUM_THREADS=1"):
-                out.append(line)
+            while words and re.match(r"^\w+=", words[0]):  # VAR=value before the command
+                words = words[1:]
+            if words[:2] in (["python", "-m"], ["python3", "-m"]) and len(words) > 2:
+                words = [words[0], words[2] + ".py", *words[3:]]
+            named = [i for i, w in enumerate(words) if SCRIPT.search(w)]
+            if named:
+                i = named[0]
+                runner = words[:i]
+                ok = runner in (["python"], ["python3"]) or runner[:1] == ["torchrun"] or (i == 0 and
+                                                                                         words[0].startswith("./"))
+                out.append((SCRIPT.search(words[i])[1] if ok else None, words[i + 1:], line))
     return out
 
 
@@ -44,10 +60,9 @@ def test_the_pages_exist_and_stay_short():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_command_parses(page):
     found = commands(page.read_text())
-    for line in found:
-        words = shlex.split(line, comments=True)
-        script = next(w for w in words if w in PARSERS)
-        argv = words[words.index(script) + 1:]
+    for script, argv, line in found:
+        if script is None:
+            pytest.fail(f"{page.name}: `{line.strip()}` names a script in a form this check does not parse")
         try:
             PARSERS[script](argv)
         except SystemExit as e:
@@ -65,7 +80,8 @@ def test_every_relative_link_resolves(page):
         file = (page.parent / path).resolve() if path else page
         assert file.exists(), f"{page.name}: {target} -> {file} does not exist"
         if anchor and file.suffix == ".md":
-            headings = [slug(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)]
+            text = FENCED.sub("", file.read_text())  # a `# comment` in a code block is no heading
+            headings = [slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)]
             assert anchor in headings, f"{page.name}: no heading #{anchor} in {file.name}"
 
 
@@ -76,4 +92,11 @@ def test_a_bad_command_is_caught():
     with pytest.raises(SystemExit):
         train_t2i.parse_args(["--preset"])
     line = "python sample.py runs/x --n 3  # a grid"
-    assert commands(f"```bash\n{line}\n```\n") == [line]
+    assert commands(f"```bash\n{line}\n```\n") == [("sample.py", ["runs/x", "--n", "3"], line)]
+    for form in ("OMP_NUM_THREADS=1 python3 ./train_t2i.py --iters 2", "python -m train_t2i --iters 2",
+                 "torchrun --nproc_per_node 2 train_t2i.py --iters 2", "./train_t2i.py --iters 2"):
+        assert commands(f"```\n{form}\n```") == [("train_t2i.py", ["--iters", "2"], form)], form
+    assert commands("```sh\nsrun train_t2i.py --iters 2\n```")[0][0] is None, "another launcher is not skipped"
+    assert commands("```python\nimport sample  # sample.py\n```") == []
+    page = "# Title\n```bash\n# not a heading\n```\n[x](#not-a-heading)"
+    assert [slug(h) for h in re.findall(r"^#+ (.+)$", FENCED.sub("", page), re.M)] == ["title"]

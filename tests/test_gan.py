@@ -34,6 +34,21 @@ def test_head_uses_32_groups_for_the_real_bottlenecks(channels):
     assert all(n.num_groups == 32 for n in dmd2.GANHead(channels, 8).modules() if isinstance(n, nn.GroupNorm))
 
 
+@pytest.mark.parametrize("channels,res,width", [(1536, 64, 768), (2432, 64, 1216), (48, 8, 16)])
+def test_head_width_reduces_wide_features_first(channels, res, width):
+    """width: a 1x1 conv from the features' channels to `width` first, then the paper's head at that width;
+    parameters counted by hand (conv weights + biases, GroupNorm scales + shifts, the final linear)."""
+    with torch.device("meta"):
+        head = dmd2.GANHead(channels, res, width=width)
+    first = head.body[0]
+    assert isinstance(first, nn.Conv2d) and first.kernel_size == (1, 1) and (first.in_channels, first.out_channels) \
+        == (channels, width)
+    n_convs = int(math.log2(res // 4)) + 1  # R -> ... -> 4, then 4 -> 1
+    expected = channels * width + width + n_convs * (16 * width**2 + width + 2 * width) + width + 1
+    assert sum(p.numel() for p in head.parameters()) == expected
+    assert not isinstance(dmd2.GANHead(48, 8).body[0], nn.Conv2d) or dmd2.GANHead(48, 8).body[0].kernel_size == (4, 4)
+
+
 def test_head_output_depends_on_its_input():
     torch.manual_seed(0)
     head = dmd2.GANHead(16, 8)

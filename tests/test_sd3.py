@@ -235,16 +235,17 @@ def test_memory_estimate_counts_every_tensor(pipes):
     vae = sum(p.numel() for p in AutoencoderKL.from_pretrained(pipes["sd3"], subfolder="vae").parameters())
     lora = sum(4 * (m.in_features + m.out_features) for n, m in net.named_modules()
                if isinstance(m, torch.nn.Linear) and any(n.endswith(t) for t in sd.LORA_TARGETS["transformer"]))
-    trainable = 2 * lora + sum(p.numel() for p in dmd2.GANHead(16, 4).parameters())
+    trainable = 2 * lora + sum(p.numel() for p in dmd2.GANHead(16, 4, width=8).parameters())  # tokens halved first
     assert gib["Parameter"] * 2**30 == 2 * frozen + 4 * vae + 4 * trainable
 
 
 def test_benchmark_of_a_text_to_image_run(pipes):
-    """train_t2i.py --benchmark: the run's networks from the model's configs (random weights), seconds per
-    iteration, the FLOPs of an update (linear in the iterations it runs: ratio 2 is 2 iterations), peak memory."""
+    """train_t2i.py --benchmark: the run's networks from the model's configs (random weights), timed, and the FLOPs
+    of a generator update with ratio - 1 critic-only iterations: each critic-only iteration adds the same count (the
+    longest backward simulation every time), less than a generator iteration's."""
     argv = ["--benchmark", "--model", pipes["sd3"], "--preset", "sd35m-4step", "--mode", "shared-lora",
             "--resolution", "32", "--batch", "1", "--lora-rank", "4", "--device", "cpu"]
-    res = T.main([*argv, "--ratio", "2"])
-    assert res["arch"] == "sd3" and res["flops_per_update"] > 1e6 and res["peak_memory_gib"] > 0
-    assert res["seconds_per_iteration"] == pytest.approx(res["seconds_per_update"]["eager"] / 2, abs=1e-3)
-    assert sum(res["time_by_family"].values()) == pytest.approx(100, abs=0.5)
+    res = {r: T.main([*argv, "--ratio", str(r)]) for r in (1, 2, 3)}
+    flops = {r: v["flops_per_update"] for r, v in res.items()}
+    assert res[1]["arch"] == "sd3" and res[1]["peak_memory_gib"] > 0 and res[1]["seconds_per_update"]["eager"] > 0
+    assert 0 < flops[3] - flops[2] == flops[2] - flops[1] < flops[1]

@@ -201,16 +201,28 @@ def test_flops_are_counted_on_the_update_and_are_linear_in_the_batch():
         reference.get_total_flops() > 0
 
 
+def test_flop_count_of_one_linear_and_one_conv_layer_by_hand():
+    """The benchmark's FLOP counter on layers whose FLOPs are known: a matrix product of [B, I] by [I, O] is 2 B I O
+    multiply-adds forward, and its backward two more products of that size (input and weight gradients); a
+    convolution likewise with I = C_in k^2 and B = batch x output pixels."""
+    from support.benchmark import count_flops
+
+    B, I, O = 6, 20, 12
+    lin, x = torch.nn.Linear(I, O), torch.randn(B, I, requires_grad=True)
+    assert count_flops(lambda: lin(x)) == 2 * B * I * O
+    assert count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * B * I * O
+    conv, img = torch.nn.Conv2d(3, 5, 3, padding=1), torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert count_flops(lambda: conv(img).sum().backward()) == 3 * 2 * (2 * 8 * 8) * (3 * 9) * 5
+
+
 def test_benchmark_rows_and_the_gpu_check_table(tmp_path):
-    """--benchmark on a reduced ADM (8 channels, batch 2): both rows timed, FLOP/s = FLOPs / median time, the time by
-    operator family adding up to 100 %; and tools/gpu_check.sh's table of it (a failed section has no rows)."""
+    """--benchmark on a reduced ADM (8 channels, batch 2): both rows timed, the FLOPs of an update counted (the
+    counter itself is checked by hand above); tools/gpu_check.sh's table of it (a failed section has no rows)."""
     from support.benchmark import benchmark, gpu_table
 
     res = benchmark(torch.device("cpu"), dmd2.TTUR(), 1e-4, updates=1, batch=2, channels=8)
-    assert set(res["seconds_per_update"]) == {"plain", "fused"} and res["flops_per_update"] > 1e9
-    for row, s in res["seconds_per_update"].items():
-        assert res["tflop_per_s"][row] == pytest.approx(res["flops_per_update"] / s / 1e12, rel=1e-3)
-    assert sum(res["time_by_family"].values()) == pytest.approx(100, abs=0.5)
+    assert set(res["seconds_per_update"]) == {"plain", "fused"} and all(s > 0 for s in res["seconds_each"]["fused"])
+    assert res["flops_per_update"] > 1e9 and res["one_step_images_per_s"] > res["teacher_35nfe_images_per_s"]
     assert res["host_syncs_per_update"] is None and res["fraction_of_bf16_peak"] is None  # a CPU
     import json
 

@@ -81,15 +81,35 @@ def test_ablation_writes_the_table_and_leaves_the_run_alone(tiny_run, tmp_path):
     assert open(os.path.join(run, "ablation.md")).read() == table
     assert os.path.isfile(os.path.join(run, "ablation_brightness.png"))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
-    assert [r[0] for r in rows[:6]] == ti.small.TABLES["all"] and [r[1] for r in rows[:6]] == ["1"] * 4 + ["4"] * 2
-    assert all(float(r[2]) > 0 and 0 <= float(r[4]) <= 1 and float(r[5]) >= 0 for r in rows[:6])
-    assert rows[6][:2] == ["teacher (euler)", "4"] and rows[7][:2] == ["teacher (heun)", "35"]
-    assert rows[8][0] == "real vs real (floor)" and "±" in rows[8][3]
+    assert [r[0] for r in rows[:7]] == ti.small.TABLES["all"] and [r[1] for r in rows[:7]] == ["1"] * 5 + ["4"] * 2
+    assert all(float(r[2]) > 0 and 0 <= float(r[4]) <= 1 and float(r[5]) >= 0 for r in rows[:7])
+    assert rows[7][:2] == ["teacher (euler)", "4"] and rows[8][:2] == ["teacher (heun)", "35"]
+    assert rows[9][0] == "real vs real (floor)" and "±" in rows[9][3]
     for name in ti.small.TABLES["all"]:  # each variant trained with its own settings, from the same teacher
         over = ti.small.ABLATION[name]
         slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(" ", "_").lower()
         cfg = ti.edm.read_checkpoint(os.path.join(run, "ablation", slug + "_seed0"))["config"]
         assert all(cfg[k] == v for k, v in over.items()) and cfg["iters"] == 12
+
+
+def test_headline_runs_the_second_phase_from_the_first_phases_best_checkpoint(tiny_run, tmp_path):
+    """--ablation headline (App. F.2): DMD + TTUR evaluated periodically from iteration 0 (best.pt), then two second
+    phases from that best.pt, with and without the GAN, at a lower constant lr for half the iterations; the periodic
+    evaluations are plotted."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    table = ti.main(["--out", str(run), "--ablation", "headline", *TINY])
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:5]] == ["| " + n for n in ti.small.TABLES["headline"]]
+    phase1 = run / "ablation" / "dmd_ttur_phase_1_seed0"
+    assert [r["it"] for r in map(json.loads, open(phase1 / "log.jsonl")) if "eval_fd" in r] == [0, 12]
+    best = ti.edm.read_checkpoint(str(phase1 / "best.pt"))
+    for slug, gan in (("phase_2_dmd_ttur_gan", True), ("phase_2_dmd_ttur", False)):
+        cfg = ti.edm.read_checkpoint(str(run / "ablation" / f"{slug}_seed0"))["config"]
+        assert cfg["init_from"] == str(phase1 / "best.pt") and cfg["iters"] == 6 and cfg["lr"] == cfg["lr_final"]
+        assert cfg["lr"] < ti.Config.lr and (cfg["gan_g"] > 0) == gan and best["config"]["gan_g"] == 0
+    assert (run / "ablation_fd.png").is_file()
 
 
 def test_ablation_over_seeds_reports_mean_and_spread(tiny_run, tmp_path, capsys):
