@@ -110,8 +110,7 @@ class Schedule:
 class EDMSchedule(Schedule):
     """EDM (Karras et al. 2022) on a 1000-point grid: alpha_t = 1, sigma_t = Karras sigma, index 0 smallest.
 
-    sigma_i = (sigma_min^(1/rho) + i/(T-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, so sigma_{T-1} = 80.
-    """
+    sigma_i = (sigma_min^(1/rho) + i/(T-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, so sigma_{T-1} = 80."""
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  sigma_data: float = 0.5, T: int = 1000):
@@ -133,8 +132,7 @@ class VPSchedule(Schedule):
     """Variance-preserving DDPM schedule from alphas_cumprod (default: SD's scaled-linear betas).
 
     alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t). abar_{T-1} > 0, so the generator's first
-    input is pure noise z (`prior`), not F(x, T-1).
-    """
+    input is pure noise z (`prior`), not F(x, T-1)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor | None = None, T: int = 1000,
                  beta_start: float = 0.00085, beta_end: float = 0.012):
@@ -189,11 +187,6 @@ class FlowSchedule(Schedule):
 
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
-
-
-def _randint(lo: int, hi: int, n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """n integers uniform in [lo, hi], both ends included."""
-    return torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
 
 
 def _cat(a: Cond, b: Cond) -> Cond:
@@ -260,7 +253,7 @@ def sample_timesteps(n: int, schedule: Schedule, device: torch.device | str = "c
                      hi: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """n timesteps uniform in [lo T, hi T] (clipped to [0, T-1]), the ends included."""
     T = schedule.T
-    return _randint(int(lo * T), min(int(hi * T), T - 1), n, torch.device(device), generator)
+    return torch.randint(int(lo * T), min(int(hi * T), T - 1) + 1, (n,), generator=generator, device=device)
 
 
 @torch.no_grad()
@@ -271,13 +264,10 @@ def dmd_gradient(x: torch.Tensor, real: Denoiser, fake: Denoiser, schedule: Sche
     """Eq. (2): the per-sample normalised distribution matching gradient at generator output x.
 
     x_t = F(x, t), t ~ U{0.02T .. 0.98T}. Both denoisers run without gradient; guidance (w, uncond)
-    applies to the teacher only. Returns grad, [B, ...] float32, to feed `dmd_loss`.
-    """
+    applies to the teacher only. Returns grad, [B, ...] float32, to feed `dmd_loss`."""
     x = x.detach().float()
-    if t is None:
-        t = sample_timesteps(len(x), schedule, x.device, t_min, t_max, generator)
-    if noise is None:
-        noise = _randn(x, generator)
+    t = sample_timesteps(len(x), schedule, x.device, t_min, t_max, generator) if t is None else t
+    noise = _randn(x, generator) if noise is None else noise
     x_t = schedule.add_noise(x, noise, t)
     x0_real = guided(real, w, uncond)(x_t, t, cond).float()  # mu_real, guided
     x0_fake = fake(x_t, t, cond).float()  # mu_fake, never guided
@@ -308,10 +298,8 @@ def denoising_loss(x: torch.Tensor, denoiser: Denoiser, schedule: Schedule, cond
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """mean over batch and pixels of lambda(t) |mu(F(x, t), t, cond) - x|^2, t ~ U{0 .. T-1}."""
     x = x.float()
-    if t is None:
-        t = sample_timesteps(len(x), schedule, x.device, generator=generator)
-    if noise is None:
-        noise = _randn(x, generator)
+    t = sample_timesteps(len(x), schedule, x.device, generator=generator) if t is None else t
+    noise = _randn(x, generator) if noise is None else noise
     x0 = denoiser(schedule.add_noise(x, noise, t), t, cond).float()
     weight = schedule.loss_weight(t).view(-1, *[1] * (x.ndim - 1))
     return (weight * (x0 - x) ** 2).mean()
@@ -365,10 +353,8 @@ def gan_logits(x: torch.Tensor, critic: Critic, head: GANHead, schedule: Schedul
                generator: torch.Generator | None = None, t_max: float = 1.0) -> torch.Tensor:
     """D(F(x, t)): each image noised with its own t ~ U{0 .. t_max T} (the paper: all T timesteps),
     classified from the critic's encoder features only (the decoder half is not run). [B] logits."""
-    if t is None:
-        t = sample_timesteps(len(x), schedule, x.device, hi=t_max, generator=generator)
-    if noise is None:
-        noise = _randn(x, generator)
+    t = sample_timesteps(len(x), schedule, x.device, hi=t_max, generator=generator) if t is None else t
+    noise = _randn(x, generator) if noise is None else noise
     return head(critic.features(schedule.add_noise(x, noise, t), t, cond)).float()
 
 

@@ -460,8 +460,7 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
     """Every problem with the arguments and input files, as a ValueError, before any work starts."""
     need, web = runs.require, ("http://", "https://")
     runs.check_numbers(cfg, ("iters", "batch", "ratio", "log_every", "ckpt_every", "teacher_iters", "teacher_batch",
-                             "classifier_iters", "channels", "decay_iters"),
-                       ("teacher_lr", "max_grad_norm"))
+                             "classifier_iters", "channels", "decay_iters"), ("teacher_lr", "max_grad_norm"))
     need(cfg.eval_samples >= 2, "--eval-samples must be >= 2 (a covariance)")
     need(cfg.resolution >= 4 and not cfg.resolution & (cfg.resolution - 1), f"--resolution must be a power of two "
          f">= 4, got {cfg.resolution}" + ("" if cfg.teacher else " (--resolution 16 or 32 resizes the images)"))

@@ -83,15 +83,14 @@ class Config:
     grad_checkpointing: bool = True  # recompute network blocks in backward: less memory, ~1/3 more compute
 
 
+SD15 = dict(resolution=512, batch=32, steps=1, conditioning_timestep=999, w=1.75, ratio=10, lr_warmup=8)
 # The authors' 500 warm-up steps advanced once per process per iteration: on 64 GPUs, about 8 iterations.
 GAN_SDXL = dict(resolution=1024, batch=2, w=8.0, ratio=5, lr=5e-7, lr_warmup=8, gan_g=5e-3, gan_d=1e-2)
 # SD3.5 Medium (no paper recipe): the teacher's own guidance 4.5, SenseFlow's lr 1e-6 and ratio 10, the GAN of SDXL's
 GAN_SD35 = dict(resolution=1024, batch=2, w=4.5, ratio=10, lr=1e-6, lr_warmup=8, gan_g=5e-3, gan_d=1e-2)
 PRESETS = {
-    "sd15": dict(resolution=512, batch=32, steps=1, conditioning_timestep=999, w=1.75, ratio=10, lr=1e-5,
-                 lr_warmup=8, gan_g=0.0, gan_d=0.0, iters=40000),  # stage 1 (App. F.3)
-    "sd15-stage2": dict(resolution=512, batch=32, steps=1, conditioning_timestep=999, w=1.75, ratio=10, lr=5e-7,
-                        lr_warmup=8, gan_g=1e-3, gan_d=1e-2, iters=5000),  # --init the stage-1 run
+    "sd15": dict(SD15, lr=1e-5, gan_g=0.0, gan_d=0.0, iters=40000),  # stage 1 (App. F.3)
+    "sd15-stage2": dict(SD15, lr=5e-7, gan_g=1e-3, gan_d=1e-2, iters=5000),  # --init the stage-1 run
     "sdxl-4step": dict(GAN_SDXL, steps=4, iters=20000, real_prompts=True),
     "sdxl-1step": dict(GAN_SDXL, steps=1, conditioning_timestep=399, iters=25000, warmup_pairs=10000,
                        warmup_steps=2000, warmup_lr=1e-5),
@@ -134,15 +133,13 @@ def make_config(given: dict) -> Config:
 
 def validate(cfg: Config, world: int) -> None:
     """Clear errors for bad input, before anything heavy is loaded."""
-    if not cfg.preset:
-        raise ValueError(f"--preset is required: one of {', '.join(PRESETS)}")
+    runs.require(bool(cfg.preset), f"--preset is required: one of {', '.join(PRESETS)}")
     check_family(cfg.preset, sd.family(cfg.model), cfg.model)
     read_prompts(cfg.prompts)
     if needs_real(cfg) and not cfg.real_images:
         raise ValueError("--real-images is required: the GAN term (and the no-backward-simulation ablation) "
                          "needs real images with captions")
-    if cfg.mode not in MODES or cfg.dist not in DISTS:
-        raise ValueError(f"--mode must be one of {MODES}, --dist one of {DISTS}")
+    runs.require(cfg.mode in MODES and cfg.dist in DISTS, f"--mode must be one of {MODES}, --dist one of {DISTS}")
     if cfg.dist == "fsdp" and cfg.mode != "full" and world > 1:
         raise ValueError("--dist fsdp shards full fine-tuning; LoRA modes use DDP (--dist ddp)")
     if cfg.steps < 1 or not 0 <= cfg.conditioning_timestep < 1000 or cfg.batch < 1 or cfg.iters < 1 or cfg.seed < 0:
@@ -269,8 +266,7 @@ def generator_input(cfg: Config, G: sd.Net, schedule: dmd2.Schedule, z: torch.Te
         k = int(torch.randint(cfg.steps, (1,), generator=gens["k"]))
         return dmd2.backward_simulation(G, z, schedule, timesteps, k, cond, gens["noise"])
     # Table 4's ablation: real latents forward-noised to a random step each; pure noise at t = 999
-    t_in = torch.tensor(timesteps, device=z.device)[torch.randint(cfg.steps, (n,), generator=gens["data"])
-                                                     .to(z.device)]
+    t_in = torch.tensor(timesteps, device=z.device)[torch.randint(cfg.steps, (n,), generator=gens["data"]).to(z.device)]
     x_in = schedule.add_noise(x_start, z, t_in)
     x_in[t_in == 999] = z[t_in == 999]
     return x_in, t_in
@@ -307,9 +303,7 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
     if lp is not None:  # before wrapping: a stock pipeline runs it
         pairs = teacher_pairs(cfg, base, prompts, out / f"warmup_pairs_{rank}of{world}.pt", rank, world)
     nets = build_nets(cfg, base, device, world)
-    adamw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01)
-    opts = {"g_opt": torch.optim.AdamW(nets.G.params, **adamw),
-            "c_opt": torch.optim.AdamW(nets.fake.params + (nets.head.params if nets.head else []), **adamw)}
+    opts = dict(zip(("g_opt", "c_opt"), memory.optimizers(nets, cfg.lr), strict=True))
     warm = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup, 1))  # noqa: E731
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, warm) for k, o in opts.items()}
     gens = generators(cfg, rank, device)
@@ -440,7 +434,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.estimate_memory or args.benchmark:
             return measure(given, args.arch, args.benchmark)
         train(make_config(given))
-    return None
 
 
 if __name__ == "__main__":

@@ -40,13 +40,6 @@ FAMILIES = [("attention", r"attention|flash|efficient_attention|softmax|bmm|badd
             ("normalization", r"norm"), ("optimizer", r"_foreach|adam"), ("copies", r"copy|\bto\b|contiguous|\bcat\b")]
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
 class FlopCount(TorchDispatchMode):
     """FlopCounterMode's per-operator formulas (torch.utils.flop_counter.flop_registry: matrix products,
     convolutions, attention, forward and backward) summed over every operator run, without its module tracker, which
@@ -142,12 +135,13 @@ def measure(rows: dict[str, Callable[[], None]], update: Callable[[], None], dev
         for name, configure in rows.items():
             configure()
             times[name].append(timed())
-    peak, median = peak_tflops(device), {k: statistics.median(v) for k, v in times.items()}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)  # None on the CPU
+    median = {k: statistics.median(v) for k, v in times.items()}
     memory_gib = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     rows[flops_row]()
-    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                threads=torch.get_num_threads(), flops_per_update=flops, seconds_per_update=median,
+    return dict(device=device_name, threads=torch.get_num_threads(), flops_per_update=flops, seconds_per_update=median,
                 seconds_each=times, warmup_or_compile_s=warmup,
                 tflop_per_s={k: float(f"{flops / s / 1e12:.4g}") for k, s in median.items()},
                 fraction_of_bf16_peak={k: round(flops / s / 1e12 / peak, 3) for k, s in median.items()} if peak
@@ -175,8 +169,7 @@ def benchmark(device: torch.device, hp: dmd2.TTUR, lr: float, updates: int = 2, 
     schedule = dmd2.EDMSchedule()
     teacher_den = EDMDenoiser(net.requires_grad_(False), schedule, label_dim).eval()
     G, critic = edm.build_students(net, schedule, label_dim, img, px, hp.gan_g > 0 or hp.gan_d > 0, 0, device)
-    g_opt = torch.optim.AdamW(G.parameters(), lr=lr, foreach=True)  # as train_imagenet.py
-    c_opt = torch.optim.AdamW(critic.parameters(), lr=lr, foreach=True)
+    g_opt, c_opt = (torch.optim.AdamW(m.parameters(), lr=lr, foreach=True) for m in (G, critic))  # as train_imagenet.py
     z, y = torch.randn(b, img, px, px, device=device), torch.randint(0, max(label_dim, 1), (b,), device=device)
     t_in = torch.full((b,), schedule.T - 1, device=device)
     dens, compiled = (G, critic.fake, teacher_den), {}
@@ -280,8 +273,7 @@ def gpu_table(sections: str, out: str) -> str:
         for row, s in r.get("seconds_per_update", {}).items():
             frac = (r.get("fraction_of_bf16_peak") or {}).get(row)
             compile_s = f" (compile {r['warmup_or_compile_s'][row]:.0f} s)" if "compiled" in row else ""
-            label = f"{name}: {row}{compile_s}"
-            lines.append(f"| {label} | {s:.3f} | {r.get('seconds_per_iteration', s / 5):.3f} | "
+            lines.append(f"| {name}: {row}{compile_s} | {s:.3f} | {r.get('seconds_per_iteration', s / 5):.3f} | "
                          f"{r['tflop_per_s'][row]:.4g} | {'' if frac is None else f'{100 * frac:.1f} %'} | "
                          f"{r['peak_memory_gib']} |")
     lines += [f"\n{name}, device time by operator family (fused): " + ", ".join(f"{k} {v} %" for k, v in

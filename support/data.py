@@ -53,9 +53,8 @@ class RealImages:
             return self.data[0][idx], self.data[1][idx]
         if self._it is None:  # a DataLoader over the rest of this epoch's indices, in order
             rest = order[self.pos - self.batch:]
-            loader = torch.utils.data.DataLoader(self.data, batch_size=self.batch, sampler=rest, drop_last=True,
-                                                 num_workers=self.workers, pin_memory=torch.cuda.is_available())
-            self._it = iter(loader)
+            self._it = iter(torch.utils.data.DataLoader(self.data, batch_size=self.batch, sampler=rest, drop_last=True,
+                                                        num_workers=self.workers, pin_memory=torch.cuda.is_available()))
         images, labels = next(self._it)
         return images, labels.long()  # uint8: converted to [-1, 1] on the training device
 
@@ -76,8 +75,7 @@ class RealImages:
 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # PIL modes we read, and the mode we read them as: 1 channel ('L') or 3 ('RGB'); alpha is dropped.
-_READ_MODE = {"L": "L", "1": "L", "LA": "L", "RGB": "RGB", "RGBA": "RGB", "P": "RGB", "CMYK": "RGB",
-              "YCbCr": "RGB"}
+_READ_MODE = {"L": "L", "1": "L", "LA": "L", "RGB": "RGB", "RGBA": "RGB", "P": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -88,8 +86,7 @@ class ImageDataset(torch.utils.data.Dataset):
     every image and verifies it without decoding (a truncated or corrupt file is found before training, not in it):
     all images square, of one size and channel count, equal to `resolution` if given, and with `use_labels` a label
     for every image. A zip is opened lazily, once per process, so the dataset works in DataLoader workers (forked or
-    spawned).
-    """
+    spawned)."""
 
     def __init__(self, path: str, resolution: int | None = None, use_labels: bool | None = True):
         if not os.path.exists(path):

@@ -46,6 +46,12 @@ def _norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
 
 
+def _zero(conv: nn.Conv2d) -> nn.Conv2d:
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 class ADMBlock(nn.Module):
     """Residual block: GN-SiLU-conv, scale/shift from the embedding, GN-SiLU-conv; optional 2x resampling
     (box filter) and multi-head self-attention."""
@@ -58,15 +64,11 @@ class ADMBlock(nn.Module):
         self.in_channels, self.up, self.down, self.dropout = cin, up, down, dropout
         self.norm0, self.conv0 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.affine = nn.Linear(emb, 2 * cout)
-        self.norm1, self.conv1 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv1.weight)
-        nn.init.zeros_(self.conv1.bias)
+        self.norm1, self.conv1 = _norm(cout), _zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
         self.heads = max(1, cout // head_channels) if attention else 0
         if attention:
-            self.norm2, self.qkv, self.proj = _norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
+            self.norm2, self.qkv, self.proj = _norm(cout), nn.Conv2d(cout, 3 * cout, 1), _zero(nn.Conv2d(cout, cout, 1))
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
@@ -124,12 +126,9 @@ class ADMUNet(nn.Module):
             else:
                 self.dec[f"{res}x{res}_up"] = ADMBlock(c, c, up=True, **kw)
             for i in range(blocks + 1):
-                self.dec[f"{res}x{res}_block{i}"] = ADMBlock(c + skips.pop(), channels * m, attention=res in attn,
-                                                             **kw)
+                self.dec[f"{res}x{res}_block{i}"] = ADMBlock(c + skips.pop(), channels * m, attention=res in attn, **kw)
                 c = channels * m
-        self.out_norm, self.out_conv = _norm(c), nn.Conv2d(c, in_channels, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
+        self.out_norm, self.out_conv = _norm(c), _zero(nn.Conv2d(c, in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,9 +275,7 @@ def edm_encoder_output_module(net: nn.Module) -> nn.Module:
     EDM's preconditioners (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond) and ours (`Precond`) hold the UNet
     as `net.model`; `DhariwalUNet`, `SongUNet` and our `ADMUNet` keep their blocks in two ModuleDicts, `enc`
     (run in order, e.g. '64x64_conv', ..., '8x8_block2') and `dec`. The last `enc` entry is a block in every
-    layout (SongUNet's 'aux' entries come before each resolution's blocks). `EDMDenoiser.features` reads it
-    with a forward hook that stores the output and stops the network, so that the decoder never runs.
-    """
+    layout (SongUNet's 'aux' entries come before each resolution's blocks)."""
     unet = getattr(net, "model", net)
     layout = type(unet).__name__
     enc, dec = getattr(unet, "enc", None), getattr(unet, "dec", None)
@@ -512,10 +509,8 @@ def fuse_attention(net: nn.Module, fused: bool = True) -> int:
     every attention block of `net`: EDM's UNetBlock (DhariwalUNet, SongUNet) and our ADMBlock. Returns the number
     of attention blocks set. Equal to EDM's computation up to rounding, forward and backward.
 
-    For EDM networks the switch is the rebuilt UNetBlock class's `forward`, so it applies to every network of
-    the same pickled source, copies included; the class keeps EDM's own as `_plain_forward`. A block whose
-    layout differs from EDM's UNetBlock (other attribute names) is left alone. For ADMBlock it is the
-    instance's `sdpa` flag."""
+    EDM's UNetBlock: the rebuilt class's `forward` (see above; EDM's own kept as `_plain_forward`), blocks of
+    another layout left alone; ADMBlock: the instance's `sdpa` flag."""
     n = 0
     for m in net.modules():
         if isinstance(m, ADMBlock) and m.heads:
@@ -533,10 +528,9 @@ def fuse_attention(net: nn.Module, fused: bool = True) -> int:
 
 def compile_networks(*modules: nn.Module, **compile_kwargs) -> None:
     """torch.compile in place (nn.Module.compile) the network of each EDMDenoiser or Critic given (other modules
-    as they are): its calls run compiled, its parameters, state dict and checkpoints stay as they were.
-    EDMDenoiser.features (the GAN's encoder-only passes) runs the network eagerly: the hook that stops it at the
-    bottleneck is added per call, which a compiled graph would not see. Call it last, after every copy of
-    the networks (copy.deepcopy keeps a reference to the original's compiled call)."""
+    as they are): its calls run compiled, its parameters, state dict and checkpoints stay as they were
+    (EDMDenoiser.features runs it eagerly, see there). Call it last, after every copy of the networks
+    (copy.deepcopy keeps a reference to the original's compiled call)."""
     for m in modules:
         m = m.fake if isinstance(m, Critic) else m
         (m.net if isinstance(m, EDMDenoiser) else m).compile(**compile_kwargs)

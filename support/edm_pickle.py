@@ -28,8 +28,7 @@ def local_file(source: str, cache_dir: str | None = None) -> str:
     """`source` itself if it is a local path, else the cached copy of an http(s) URL, downloaded once.
 
     The cache is `cache_dir`, by default `<torch hub dir>/edm` (`$TORCH_HOME/hub/edm`). The file name carries
-    a hash of the URL, so two URLs that end in the same name never share a cache entry.
-    """
+    a hash of the URL, so two URLs that end in the same name never share a cache entry."""
     url = urllib.parse.urlparse(source)
     if url.scheme not in ("http", "https"):
         if not os.path.isfile(source):
@@ -45,8 +44,7 @@ def local_file(source: str, cache_dir: str | None = None) -> str:
             # download leaves no partial dst, and ranks downloading at once never read a half-written file.
             torch.hub.download_url_to_file(source, dst, progress=False)
         except (urllib.error.URLError, OSError) as e:
-            raise RuntimeError(f"could not download {source}: {e}. Download it by hand and pass the local path.") \
-                from e
+            raise RuntimeError(f"could not download {source}: {e}. Download it by hand and pass the local path.") from e
     return dst
 
 
@@ -220,8 +218,7 @@ def load_edm_network(source: str, key: str = "ema", cache_dir: str | None = None
         output is float16, unless called with `force_fp32=True`; under torch.autocast with `use_fp16=False`
         the assertion fails (the output is bfloat16). The DMD2 authors edited that cast to bfloat16.
       - `.train()` turns on the UNet's dropout (0.10 for ImageNet).
-    The bottleneck for the GAN head (8x8x768 for ImageNet) is the output of `edm_encoder_output_module(net)`.
-    """
+    The bottleneck for the GAN head (8x8x768 for ImageNet) is the output of `edm_encoder_output_module(net)`."""
     path = local_file(source, cache_dir)
     with open(path, "rb") as f:
         if f.read(4) == b"PK\x03\x04":

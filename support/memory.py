@@ -19,11 +19,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
-from transformers import (
-    AutoConfig,
-    CLIPTextConfig,
-    T5Config,
-)
+from transformers import AutoConfig, CLIPTextConfig, T5Config
 
 import dmd2
 from support import sd

@@ -107,8 +107,7 @@ def inception_extractor(device: torch.device | str) -> Callable[[torch.Tensor], 
     clean-fid's "legacy_tensorflow" mode loads the TorchScript Inception-v3 from /tmp/inception-2015-12-05.pt,
     downloading it on first use (on a machine without internet, put the file there). Images go in as EDM's
     fid.py gives them to its detector: uint8, NCHW, any size (resized to 299x299 inside), grayscale repeated
-    to 3 channels.
-    """
+    to 3 channels."""
     import cleanfid.downloads_helper
     import cleanfid.features
 
@@ -281,25 +280,24 @@ def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label
 # SDXL, Table 2), patch FID on 299 px centre crops of the full-resolution images, CLIP score with OpenCLIP.
 
 
+def _centre(img: np.ndarray, s: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    return img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+
+
 def centre_crop_resize(size: int | None) -> Callable[[np.ndarray], np.ndarray]:
     """The long edge centre-cropped to a square, then LANCZOS-resized to `size` (clean-fid's image hook)."""
     from PIL import Image
 
     def f(img: np.ndarray) -> np.ndarray:
-        h, w = img.shape[:2]
-        s = min(h, w)
-        img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        img = _centre(img, min(img.shape[:2]))
         return np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS)) if size else img
 
     return f
 
 
 def centre_patch(size: int = 299) -> Callable[[np.ndarray], np.ndarray]:
-    def f(img: np.ndarray) -> np.ndarray:
-        h, w = img.shape[:2]
-        return img[(h - size) // 2:(h - size) // 2 + size, (w - size) // 2:(w - size) // 2 + size]
-
-    return f
+    return lambda img: _centre(img, size)
 
 
 def folder_fid(generated: str | Path, reference: str | Path, transform: Callable, device: torch.device,

@@ -65,9 +65,7 @@ def gather(obj: object) -> list:
 
 def autocast(device: torch.device):
     """bf16 autocast on GPU (the authors found fp16 unstable); fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,12 +298,6 @@ def given_flags(args: argparse.Namespace, cls: type) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 
 
-def config_from(cls: type, saved: dict):
-    """A config from a checkpoint's dict, ignoring fields this version no longer has."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in saved.items() if k in names})
-
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -319,7 +311,8 @@ def resumed_config(cls: type, saved: dict, step: int, given: dict, fixed: tuple[
                          f"start a new run with another --out")
     if given.get("iters", saved.get("iters", step)) < step:
         raise ValueError(f"--iters {given['iters']} is below the checkpoint's iteration {step}")
-    return config_from(cls, saved | given)
+    names = {f.name for f in dataclasses.fields(cls)}  # saved fields this version no longer has are dropped
+    return cls(**{k: v for k, v in (saved | given).items() if k in names})
 
 
 @torch.no_grad()
@@ -328,8 +321,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> Non
     pe, p = list(ema.parameters()), list(model.parameters())
     if len(pe) != len(p):
         raise ValueError(f"EMA has {len(pe)} parameters, the model {len(p)}")
-    with torch.no_grad():
-        torch._foreach_lerp_(pe, p, 1 - beta)
+    torch._foreach_lerp_(pe, p, 1 - beta)
 
 
 def warmup_cosine(warmup: int, decay_iters: int, final: float):

@@ -439,17 +439,14 @@ def build_nets(base: Base, device: torch.device, world: int, model: str, mode: s
             u.enable_gradient_checkpointing(checkpoint_as_run)
     sched = base.schedule
     g_mod, f_mod, t_mod = Denoiser(g_unet, sched, g_name), Denoiser(f_unet, sched, f_name), Denoiser(teacher, sched)
-    head, h_params = None, []
-    if gan:
-        head = gan_head(f_unet, resolution // base.vae_factor).to(device)
-        h_params = list(head.parameters())
+    head = gan_head(f_unet, resolution // base.vae_factor).to(device) if gan else None
+    h_params = list(head.parameters()) if gan else []
     if world > 1:
         g_mod, f_mod = wrap(g_mod, g_params, fsdp, device), wrap(f_mod, f_params, fsdp, device)
         head = wrap(head, h_params, fsdp, device) if head is not None else None
         if fsdp:
             t_mod = wrap(t_mod, [], fsdp, device)
-            g_params, f_params, h_params = (list(m.parameters()) if m is not None else []
-                                            for m in (g_mod, f_mod, head))
+            g_params, f_params, h_params = (list(m.parameters()) if m is not None else [] for m in (g_mod, f_mod, head))
     # the authors run mu_fake's no-grad forward (Eq. 2) in fp32, the rest in bf16; a LoRA on the bf16 base
     # (shared-lora) has no fp32 weights to run with, and stays in bf16
     fake = Net(f_mod, f_params, fp32_no_grad=f_unet.dtype == torch.float32)
@@ -464,8 +461,7 @@ def build_nets(base: Base, device: torch.device, world: int, model: str, mode: s
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None):
     """VAE latents, shifted (SD3's VAE) and scaled as the denoising network expects."""
-    x = images.to(vae.device, vae.dtype)
-    z = vae.encode(x).latent_dist.sample(generator).float()
+    z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator).float()
     return (z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
 
 
@@ -549,19 +545,15 @@ def optimizer_states(nets: Nets, opts: dict, fsdp: bool, load: dict | None = Non
         for k, o in opts.items():
             o.load_state_dict(load[k])
         return None
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint import state_dict as dcp
 
     owners = {"g_opt": nn.ModuleDict({"G": nets.modules["G"]}),
               "c_opt": nn.ModuleDict({k: nets.modules[k] for k in ("fake", "head") if nets.modules[k] is not None})}
     if load is None:
-        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {k: get_optimizer_state_dict(owners[k], opt, options=o) for k, opt in opts.items()}
+        o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {k: dcp.get_optimizer_state_dict(owners[k], opt, options=o) for k, opt in opts.items()}
     for k, opt in opts.items():
-        set_optimizer_state_dict(owners[k], opt, load[k], options=StateDictOptions(full_state_dict=True))
+        dcp.set_optimizer_state_dict(owners[k], opt, load[k], options=dcp.StateDictOptions(full_state_dict=True))
     return None
 
 

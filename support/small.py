@@ -162,9 +162,7 @@ def _cached(path: str, what: str, key: dict) -> dict | None:
     if not os.path.exists(path):
         return None
     cached = load_file(path, what)
-    saved = cached["key"]
-    if not isinstance(saved, dict):  # a cache of an older version: keys were lists
-        saved = {"version": "older"}
+    saved = cached["key"] if isinstance(cached["key"], dict) else {"version": "older"}  # older caches: key lists
     differ = sorted(k for k in {**saved, **key} if saved.get(k) != key.get(k))
     if differ:
         raise ValueError(f"{path} is a {what} made with {({k: saved.get(k) for k in differ})}, this run asks for "
@@ -178,11 +176,8 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
     evaluation: the small classifier's (labelled data) and Inception's through clean-fid (`inception`).
 
     recipe: the teacher's, dict(resolution, channels, iters, batch, lr, seed, schedule); with `data`, the cache key."""
-    t = time.time()
-    if data is None:
-        x_tr, y_tr, x_te, y_te, classes = (*mnist_digits(recipe["resolution"]), 10)
-    else:
-        x_tr, y_tr, x_te, y_te, classes = own_images(data, recipe["resolution"])
+    t, res = time.time(), recipe["resolution"]
+    x_tr, y_tr, x_te, y_te, classes = (*mnist_digits(res), 10) if data is None else own_images(data, res)
     timings["data_s"] = round(time.time() - t, 1)
     if not classes and not inception:
         raise ValueError(f"--data {data}: unlabelled images are evaluated in Inception features only; drop "
@@ -196,7 +191,7 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
                                     f"--no-inception") from None
     teacher_key = dict(recipe, split=SPLIT, **({"data": os.path.abspath(data)} if data else {}))
     path = os.path.join(out, "teacher.pt")
-    net = small_unet(recipe["resolution"], recipe["channels"], classes, x_tr.shape[1], recipe["schedule"] == "flow")
+    net = small_unet(res, recipe["channels"], classes, x_tr.shape[1], recipe["schedule"] == "flow")
     cached, timings["teacher_s"] = _cached(path, "cached teacher (teacher.pt)", teacher_key), 0.0
     if cached is None:
         if is_main():
@@ -209,10 +204,10 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
     net.load_state_dict(cached["net"])
     clf_acc = None
     if classes:
-        key = dict(resolution=recipe["resolution"], iters=classifier_iters, split=SPLIT,
+        key = dict(resolution=res, iters=classifier_iters, split=SPLIT,
                    **({"data": os.path.abspath(data)} if data else {}))
         path = os.path.join(out, "classifier.pt")
-        clf = Classifier(recipe["resolution"], classes, in_channels=x_tr.shape[1])
+        clf = Classifier(res, classes, in_channels=x_tr.shape[1])
         cached = _cached(path, "cached classifier (classifier.pt)", key)
         if cached is None:
             t = time.time()
