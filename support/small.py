@@ -288,7 +288,7 @@ def teacher_metrics(out: str, setup: dict, n: int, score) -> dict:
 
 # The GAN without distribution matching needs its own steps: a generator that follows the discriminator at DMD's
 # 4e-4 drifts or collapses (docs/small-scale.md#the-gan-term-at-small-scale); its head learns at DMD's rate.
-GAN_ALONE = dict(dmd_weight=0.0, lr=2e-5, lr_final=2e-5, head_lr=4e-4)
+GAN_ALONE = dict(dmd_weight=0.0, lr=2e-5, lr_final=2e-5, head_lr=4e-4, gan_d=1.0, gan_t_max=0.3)
 # App. F.2's second phase: from the first phase's best checkpoint, at a lower constant lr, half as long
 PHASE2 = dict(init_from="DMD + TTUR, phase 1", iters=lambda c: c.iters // 2, lr=2e-5, lr_final=2e-5)
 ABLATION = {  # name -> overrides of the run's settings (a callable: of the run's configuration)
@@ -307,7 +307,8 @@ names = list(ABLATION)
 TABLES = {"table3": names[:5], "table4": names[5:7], "all": names[:7], "gan": names[1:3], "headline": names[7:10],
           "flow": [names[2], names[5]]}
 # each table's setting (flags given on the command line win)
-SETTINGS = {"headline": dict(out="runs/headline"), "flow": dict(out="runs/flow", schedule="flow")}
+SETTINGS = {"table3": dict(eval_every=100), "headline": dict(out="runs/headline"),
+            "flow": dict(out="runs/flow", schedule="flow")}
 
 
 def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, dict, dict]:

@@ -112,6 +112,26 @@ def test_headline_runs_the_second_phase_from_the_first_phases_best_checkpoint(ti
     assert (run / "ablation_fd.png").is_file()
 
 
+def test_flow_teacher_with_a_shifted_distillation_table(tmp_path, capsys):
+    """--schedule flow: a velocity teacher, and a student distilled on SD3's shifted table (--shift 3: its 2 steps at
+    sigma 1 and shift(0.5) = 0.75, recorded for sample.py), from the same cached teacher as an unshifted run;
+    --shift is refused with EDM's schedule and on --resume."""
+    run = str(tmp_path / "flow")
+    ti.main(["--out", run, *TINY, "--schedule", "flow", "--steps", "2", "--shift", "3"])
+    G, cfg = ti.edm.load_generator(run)
+    assert isinstance(G.schedule, dmd2.FlowSchedule) and G.schedule.shift == 3 and cfg["steps"] == 2
+    assert [round(G.schedule.sigmas[t].item(), 6) for t in dmd2.step_timesteps(2)] == [1.0, 0.75]
+    assert isinstance(G.net, ti.edm.FlowPrecond)
+    again = ti.main(["--out", run, *TINY, "--schedule", "flow", "--iters", "2"])
+    assert again["timings"]["teacher_s"] == 0, "the teacher is trained without the shift: cached"
+    sample.main([run, "--labels", "1", "--n", "2", "--out", str(tmp_path / "s.png")])
+    for argv, message in ((["--shift", "3"], "goes with --schedule flow"),
+                          (["--schedule", "flow", "--resume", "--shift", "2"], "cannot change --shift")):
+        with pytest.raises(SystemExit):
+            ti.main(["--out", run, *TINY, *argv])
+        assert message in capsys.readouterr().err
+
+
 def test_ablation_over_seeds_reports_mean_and_spread(tiny_run, tmp_path, capsys):
     import shutil
 
