@@ -382,6 +382,23 @@ def test_resume_with_an_ema_that_the_run_did_not_keep(tiny_run, tmp_path):
     assert ck["step"] == 14 and all(torch.equal(ck["ema"][k], ck["G"][k]) for k in ck["G"])
 
 
+def test_the_gan_head_has_its_own_learning_rate(tiny_run, tmp_path):
+    """--head-lr: the head's parameters are the critic optimiser's second group, at that lr with the same warm-up and
+    decay as the fake score's --lr; a resumed run keeps both."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run[0], run)
+    ti.main(["--out", run, *TINY, "--lr", "1e-4", "--head-lr", "1e-3", "--iters", "6"])
+    ti.main(["--out", run, "--resume", "--iters", "8", "--eval-samples", "64"])
+    ck = ti.edm.read_checkpoint(run)
+    fake, head = ck["c_opt"]["param_groups"]
+    n_head = sum(1 for k in ck["critic"] if k.startswith("head."))
+    assert len(head["params"]) == n_head and len(fake["params"]) > n_head  # the head's tensors are all parameters
+    assert head["lr"] == pytest.approx(10 * fake["lr"]) and 0 < fake["lr"] < 1e-4
+    assert ck["c_sched"]["base_lrs"] == [1e-4, 1e-3]
+
+
 def _runs_with(tiny_run, tmp_path, flags: tuple[str, ...]) -> list[dict]:
     """The tiny run's folder copied once per flag and trained 5 iterations with it: the checkpoints."""
     import shutil
