@@ -419,10 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     small_.add_argument("--ablation", nargs="?", const="all", choices=list(small.TABLES), help="variants, one teacher: "
-                        "table3 (TTUR, GAN), table4 (backward simulation), all (both), gan (DMD + TTUR with and "
-                        "without the GAN), headline (App. F.2: DMD + TTUR to its best checkpoint, then on with and "
-                        "without the GAN; --teacher-iters 400: a weaker teacher), flow (a flow teacher, one and four "
-                        "steps)")
+                        "table3 (TTUR, GAN), table4 (backward simulation), all (both), gan (the GAN's balance: its "
+                        "discriminator and steps), headline (App. F.2: DMD + TTUR to its best checkpoint, then on with "
+                        "and without the GAN; --teacher-iters 400: a weaker teacher), flow (a flow teacher, one and "
+                        "four steps)")
     small_.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
     speed.add_argument("--benchmark", action="store_true", help="time, FLOPs and network calls of one generator "
                        "update of the ImageNet ADM architecture (random weights) or of --teacher's network")
