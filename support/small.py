@@ -304,13 +304,14 @@ ABLATION = {  # name -> overrides of the run's settings (a callable: of the run'
     "GAN + TTUR, weak discriminator (the paper's), lr 2e-5": dict(ratio=5, dmd_weight=0.0, lr=2e-5, lr_final=2e-5),
     "GAN + TTUR, strong discriminator, lr 2e-5": dict(GAN_ALONE, ratio=5, head_lr=None),
     "GAN + TTUR, strong discriminator, lr 1e-4": dict(GAN_ALONE, ratio=5, lr=1e-4, lr_final=1e-4, head_lr=1e-3),
+    "4 steps, shifted table (sigma 1, 0.5, 0.25, 0.1)": dict(steps=4, shift=1 / 3),  # a flow teacher's
     "DMD + TTUR, phase 1": dict(ratio=5, gan_g=0.0, gan_d=0.0, eval_every=100),
     "phase 2: DMD + TTUR + GAN": PHASE2 | STRONG_D,
     "phase 2: DMD + TTUR": PHASE2 | dict(gan_g=0.0, gan_d=0.0),
 }
 names = list(ABLATION)
-TABLES = {"table3": names[:5], "table4": names[5:7], "all": names[:7], "headline": names[11:14],
-          "gan": [names[1], *names[7:10], names[4], names[10]], "flow": [names[2], names[5]]}
+TABLES = {"table3": names[:5], "table4": names[5:7], "all": names[:7], "headline": names[12:15],
+          "gan": [names[1], *names[7:10], names[4], names[10]], "flow": [names[2], names[11]]}
 # each table's setting (flags given on the command line win)
 SETTINGS = {"table3": dict(eval_every=100), "gan": dict(eval_every=100), "headline": dict(out="runs/headline"),
             "flow": dict(out="runs/flow", schedule="flow")}
