@@ -53,13 +53,27 @@ def moved(weights: dict, model: str) -> float:
     return max((teacher[n.removeprefix("net.")] - v).abs().max().item() for n, v in weights["G"].items())
 
 
+def update_gap(a: dict, b: dict, model: str) -> float:
+    """How far run a's updates of the generator and the fake score (both start from the teacher) are from run b's,
+    relative to b's: about 1e-4 from the order of float sums (AdamW amplifies it where a gradient is near zero),
+    1.0 for a run that applied no update."""
+    teacher = sd.load_net(model, torch.device("cpu")).state_dict()
+    gaps = []
+    for k in ("G", "fake"):
+        da, db = (torch.cat([(w[k][n].float() - teacher[n.removeprefix("net.")]).flatten() for n in b[k]])
+                  for w in (a, b))
+        gaps.append(((da - db).norm() / db.norm()).item())
+    return max(gaps)
+
+
 def test_ddp_and_fsdp_full_fine_tuning(setup, tmp_path):
     """DDP ends with identical weights on both ranks (each rank saw other data); FSDP2 ends with the same weights
     as DDP, and resuming it from a checkpoint is exact."""
     ddp = torchrun(setup, tmp_path / "ddp", "--preset", "sdxl-4step", "--dist", "ddp", "--iters", "3", *FAST)
     assert same(ddp[0], ddp[1]) and set(ddp[0]) == {"G", "fake", "head"} and moved(ddp[0], setup["model"]) > 1e-3
     fsdp = torchrun(setup, tmp_path / "fsdp", "--preset", "sdxl-4step", "--dist", "fsdp", "--iters", "3", *FAST)
-    assert same(fsdp[0], ddp[0], atol=1e-6)
+    assert fsdp[0].keys() == ddp[0].keys() and update_gap(fsdp[0], ddp[0], setup["model"]) < 2e-3
+    assert same({"head": fsdp[0]["head"]}, {"head": ddp[0]["head"]}, atol=1e-6)
     torchrun(setup, tmp_path / "fsdp2", "--preset", "sdxl-4step", "--dist", "fsdp", "--iters", "2", *FAST)
     resumed = torchrun(setup, tmp_path / "fsdp2", "--preset", "sdxl-4step", "--dist", "fsdp", "--iters", "3",
                        "--resume")
@@ -71,7 +85,8 @@ def test_sd3_fsdp_equals_ddp(setup, tmp_path):
     sd3 = dict(setup, model=setup["sd3"])
     ddp = torchrun(sd3, tmp_path / "ddp", "--preset", "sd35m-4step", "--dist", "ddp", "--iters", "2", *FAST)
     fsdp = torchrun(sd3, tmp_path / "fsdp", "--preset", "sd35m-4step", "--dist", "fsdp", "--iters", "2", *FAST)
-    assert same(ddp[0], ddp[1]) and same(fsdp[0], ddp[0], atol=1e-6) and moved(ddp[0], setup["sd3"]) > 1e-3
+    assert same(ddp[0], ddp[1]) and moved(ddp[0], setup["sd3"]) > 1e-3
+    assert fsdp[0].keys() == ddp[0].keys() and update_gap(fsdp[0], ddp[0], setup["sd3"]) < 2e-3
 
 
 def test_ddp_shared_lora(setup, tmp_path):
