@@ -305,7 +305,7 @@ ABLATION = {  # name -> overrides of the run's settings (a callable: of the run'
     "GAN + TTUR, strong discriminator, lr 2e-5": dict(GAN_ALONE, ratio=5, head_lr=None),
     "GAN + TTUR, strong discriminator, lr 1e-4": dict(GAN_ALONE, ratio=5, lr=1e-4, lr_final=1e-4, head_lr=1e-3),
     "4 steps, shifted table (sigma 1, 0.5, 0.25, 0.1)": dict(steps=4, shift=1 / 3),  # a flow teacher's
-    "DMD + TTUR, phase 1": dict(ratio=5, gan_g=0.0, gan_d=0.0, eval_every=100),
+    "DMD + TTUR, phase 1": dict(ratio=5, gan_g=0.0, gan_d=0.0),
     "phase 2: DMD + TTUR + GAN": PHASE2 | STRONG_D,
     "phase 2: DMD + TTUR": PHASE2 | dict(gan_g=0.0, gan_d=0.0),
 }
@@ -313,8 +313,9 @@ names = list(ABLATION)
 TABLES = {"table3": names[:5], "table4": names[5:7], "all": names[:7], "headline": names[12:15],
           "gan": [names[1], *names[7:10], names[4], names[10]], "flow": [names[2], names[11]]}
 # each table's setting (flags given on the command line win)
-SETTINGS = {"table3": dict(eval_every=100), "gan": dict(eval_every=100), "headline": dict(out="runs/headline"),
-            "flow": dict(out="runs/flow", schedule="flow")}
+EVAL = dict(eval_every=100)  # every table's runs: learning curves from iteration 0
+SETTINGS = {t: EVAL for t in TABLES} | {"headline": EVAL | dict(out="runs/headline"),
+                                        "flow": EVAL | dict(out="runs/flow", schedule="flow")}
 
 
 def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, dict, dict]:
