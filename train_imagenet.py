@@ -213,7 +213,7 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
     if evaluate is not None and cfg.eval_every and start == 0:  # the curve's start: the teacher's weights, one step
         log.write(evaluated(0))
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="distill", disable=not runs.is_main())
-    t0 = time.time()
+    t0 = time.time() - next((r["time"] for r in reversed(history) if "time" in r), 0.0)  # resumed: goes on
     for it in bar:
         z = torch.randn(b_local, channels, cfg.resolution, cfg.resolution, generator=gen, device=device)
         labels = torch.randint(0, max(cfg.label_dim, 1), (b_local,), generator=gen, device=device)

@@ -331,7 +331,7 @@ def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, 
             b = [r for r in hist if "brightness" in r]
             second = [r["brightness"] for r in b if r["it"] > b[-1]["it"] / 2]
             results.append((m["student"]["fd"], m["student"]["kid"], m["student"].get("accuracy", float("nan")),
-                            float(np.std(second)), m["timings"]["distill_s"]))
+                            float(np.std(second)), b[-1]["time"]))
             if s == 0:
                 curves[name] = ([r["it"] for r in b], [r["brightness"] for r in b])
                 ev = [r for r in hist if "eval_fd" in r]

@@ -1,6 +1,7 @@
 """train_imagenet.py on tiny settings: the default (MNIST) run end to end, sample.py on its output, exact
 resume, NaN stop, bad input, the network architecture and its adapter to the denoiser protocol."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -193,7 +194,9 @@ def test_multi_step_student(tmp_path, monkeypatch, capsys, backward):
 
 
 @pytest.mark.parametrize("steps", ["1", "4"])
-def test_resume_is_exact(tmp_path, steps):
+def test_resume_is_exact(tmp_path, steps, monkeypatch):
+    clock = itertools.count(1000.0)  # a clock that always moves: the log's time goes on after a resume
+    monkeypatch.setattr(ti.time, "time", lambda: next(clock))
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     args = ["--steps", steps, "--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3",
             "--ckpt-every", "3", "--eval-samples", "16", "--warmup", "2", "--channels", "8", "--lr", "1e-3",
@@ -211,6 +214,8 @@ def test_resume_is_exact(tmp_path, steps):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert a["history"] == [r | dict(time=ra["time"]) for r, ra in zip(b["history"], a["history"], strict=True)]
+    times = [r["time"] for r in b["history"] if "time" in r]
+    assert times == sorted(times) and len(set(times)) == len(times), times
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
