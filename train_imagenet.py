@@ -371,7 +371,8 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
 
 def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: str, seeds: int) -> str:
     """Train each variant from the same teacher, over `seeds` seeds (cfg.seed, cfg.seed + 1, ...); write
-    ablation.md (mean ± standard deviation) and ablation_brightness.png."""
+    ablation.md (mean ± standard deviation), ablation_brightness.png and, with periodic evaluations,
+    ablation_fd.png and ablation_acc.png (the first seed's)."""
     if cfg.teacher is not None:
         raise ValueError("--ablation runs the small experiment (no --teacher)")
     s = setup(cfg, device, {})  # the run folder's teacher and classifier (trained if not there yet)
@@ -398,8 +399,11 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
     if runs.is_main():
         runs.plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
         if fds:  # the variants' periodic evaluations, from iteration 0
-            runs.plot(os.path.join(cfg.out, "ablation_fd.png"), fds, "iteration", "Frechet distance (log scale)",
-                      yscale="log")
+            runs.plot(os.path.join(cfg.out, "ablation_fd.png"), {k: v[:2] for k, v in fds.items()}, "iteration",
+                      "Frechet distance (log scale)", yscale="log")
+            if all(None not in v[2] for v in fds.values()):  # labelled data: the classifier's accuracy
+                runs.plot(os.path.join(cfg.out, "ablation_acc.png"), {k: (v[0], v[2]) for k, v in fds.items()},
+                          "iteration", "accuracy on the labels asked for")
         with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
             f.write(table)
         print(table)

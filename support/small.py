@@ -321,8 +321,8 @@ SETTINGS = {t: EVAL for t in TABLES} | {"headline": EVAL | dict(out="runs/headli
 def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, dict, dict]:
     """run_variant(name, overrides, seed) -> (metrics, history) for each variant and seed; returns the table
     (markdown: mean +- standard deviation over seeds of FD, KID, accuracy, brightness std), and the brightness
-    curves and periodic evaluations' Frechet distances of the first seed. base: an evaluation without a student
-    (teacher and floor)."""
+    curves and periodic evaluations (iterations, Frechet distances, accuracies) of the first seed. base: an
+    evaluation without a student (teacher and floor)."""
     rows, curves, fds = [], {}, {}
     for name, over in variants.items():
         results = []
@@ -334,8 +334,10 @@ def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, 
                             float(np.std(second)), b[-1]["time"]))
             if s == 0:
                 curves[name] = ([r["it"] for r in b], [r["brightness"] for r in b])
-                ev = [r for r in hist if "eval_fd" in r]
-                fds |= {name: ([r["it"] for r in ev], [r["eval_fd"] for r in ev])} if ev else {}
+                ev = [(r["it"], r["eval_fd"], r["eval_acc"]) for r in hist if "eval_fd" in r]
+                final = [(b[-1]["it"], m["student"]["fd"], m["student"].get("accuracy"))]
+                ev += final if ev and ev[-1][0] < b[-1]["it"] else []
+                fds |= {name: tuple(map(list, zip(*ev, strict=True)))} if ev else {}
         rows.append((name, over.get("steps", 1), np.array(results)))
     return ablation_table(rows, base, seeds), curves, fds
 

@@ -110,7 +110,7 @@ def test_headline_runs_the_second_phase_from_the_first_phases_best_checkpoint(ti
         cfg = ti.edm.read_checkpoint(str(run / "ablation" / f"{slug}_seed0"))["config"]
         assert cfg["init_from"] == str(phase1 / "best.pt") and cfg["iters"] == 6 and cfg["lr"] == cfg["lr_final"]
         assert cfg["lr"] < ti.Config.lr and (cfg["gan_g"] > 0) == gan and best["config"]["gan_g"] == 0
-    assert (run / "ablation_fd.png").is_file()
+    assert (run / "ablation_fd.png").is_file() and (run / "ablation_acc.png").is_file()
 
 
 def test_flow_teacher_with_a_shifted_distillation_table(tmp_path, capsys):
