@@ -350,8 +350,8 @@ def _pm(values: np.ndarray, fmt: str, scale: float = 1.0) -> str:
 def ablation_table(rows: list[tuple], base: dict, seeds: int) -> str:
     """rows (name, NFE, array [seeds, 5] of FD, KID, accuracy, brightness std, seconds); then the teacher at 4
     and 35 NFE and the floor from `base`. With several seeds: mean ± sample standard deviation."""
-    lines = [f"| variant | NFE | Frechet distance | KID | accuracy | brightness std (2nd half) | train time |"
-             f"{' seeds: ' + str(seeds) if seeds > 1 else ''}",
+    lines = [f"| variant{f' ({seeds} seeds)' if seeds > 1 else ''} | NFE | Frechet distance | KID | accuracy | "
+             "brightness std (2nd half) | train time |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {nfe} | {_pm(r[:, 0], '.2f')} | {_pm(r[:, 1], '.2f')} | {_pm(r[:, 2], '.3f')} | "
               f"{_pm(r[:, 3], '.4f')} | {r[:, 4].mean() / 60:.1f} min |" for n, nfe, r in rows]

@@ -141,7 +141,9 @@ def test_ablation_over_seeds_reports_mean_and_spread(tiny_run, tmp_path, capsys)
     run = str(tmp_path / "run")
     shutil.copytree(tiny_run[0], run)
     table = ti.main(["--out", run, "--ablation", "table4", "--seeds", "2", *TINY, "--iters", "6"])
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    lines = table.splitlines()  # a markdown table: as many cells in every row as in the delimiter row
+    assert lines[0].startswith("| variant (2 seeds) |") and {line.count("|") for line in lines} == {8}
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [r[0] for r in rows[:2]] == ["4 steps, backward simulation", "4 steps, no backward simulation"]
     for r, slug in zip(rows[:2], ["4_steps_backward_simulation", "4_steps_no_backward_simulation"], strict=True):
         fds = [json.load(open(os.path.join(run, "ablation", f"{slug}_seed{s}", "metrics.json")))["student"]["fd"]
