@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     small_.add_argument("--ablation", nargs="?", const="all", choices=list(small.TABLES), help="variants, one teacher: "
                         "table3 (TTUR, GAN), table4 (backward simulation), all (both), gan (the GAN's balance: its "
                         "discriminator and steps), headline (App. F.2: DMD + TTUR to its best checkpoint, then on with "
-                        "and without the GAN; --teacher-iters 400: a weaker teacher), flow (a flow teacher, one and "
-                        "four steps)")
+                        "and without the GAN; --teacher-iters 400: a weaker teacher), flow (a flow teacher's "
+                        "four-step student on the shifted table)")
     small_.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
     speed.add_argument("--benchmark", action="store_true", help="time, FLOPs and network calls of one generator "
                        "update of the ImageNet ADM architecture (random weights) or of --teacher's network")

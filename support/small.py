@@ -311,7 +311,7 @@ ABLATION = {  # name -> overrides of the run's settings (a callable: of the run'
 }
 names = list(ABLATION)
 TABLES = {"table3": names[:5], "table4": names[5:7], "all": names[:7], "headline": names[12:15],
-          "gan": [names[1], *names[7:10], names[4], names[10]], "flow": [names[2], names[11]]}
+          "gan": [names[1], *names[7:10], names[4], names[10]], "flow": [names[11]]}
 # each table's setting (flags given on the command line win)
 EVAL = dict(eval_every=100)  # every table's runs: learning curves from iteration 0
 SETTINGS = {t: EVAL for t in TABLES} | {"headline": EVAL | dict(out="runs/headline"),
