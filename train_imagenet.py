@@ -377,37 +377,8 @@ def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: st
         raise ValueError("--ablation runs the small experiment (no --teacher)")
     s = setup(cfg, device, {})  # the run folder's teacher and classifier (trained if not there yet)
     base = evaluate(dataclasses.replace(cfg, label_dim=s["label_dim"]), s, None, device, rank, world)
-
-    def folder(name: str, seed: int) -> str:
-        slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(": ", "_").replace(" ", "_").lower()
-        return os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}")
-
-    def run_variant(name: str, over: dict, seed: int) -> tuple[dict, list]:
-        over = {k: v(cfg) if callable(v) else v for k, v in over.items()}
-        if over.get("init_from") in small.ABLATION:  # a second phase: from that variant's best checkpoint (App. F.2)
-            over = over | {"init_from": os.path.join(folder(over["init_from"], seed), "best.pt")}
-        sub = dataclasses.replace(cfg, out=folder(name, seed), seed=cfg.seed + seed, **over)
-        done = os.path.join(sub.out, "metrics.json")  # a finished run of the same settings is reused, not redone
-        if not (os.path.exists(done) and edm.read_checkpoint(sub.out)["config"] == asdict(
-                dataclasses.replace(sub, label_dim=s["label_dim"]))):
-            run(sub, device, rank, world, teacher_eval=False, s=s)
-        with open(done) as f:
-            return json.load(f), edm.read_checkpoint(sub.out)["history"]
-
-    variants = {k: small.ABLATION[k] for k in small.TABLES[table]}
-    table, curves, fds = small.ablation(variants, seeds, run_variant, base)
-    if runs.is_main():
-        runs.plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
-        if fds:  # the variants' periodic evaluations, from iteration 0
-            runs.plot(os.path.join(cfg.out, "ablation_fd.png"), {k: v[:2] for k, v in fds.items()}, "iteration",
-                      "Frechet distance (log scale)", yscale="log")
-            if all(None not in v[2] for v in fds.values()):  # labelled data: the classifier's accuracy
-                runs.plot(os.path.join(cfg.out, "ablation_acc.png"), {k: (v[0], v[2]) for k, v in fds.items()},
-                          "iteration", "accuracy on the labels asked for")
-        with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
-            f.write(table)
-        print(table)
-    return table
+    return small.run_ablation(cfg, table, seeds, base, s["label_dim"],
+                              lambda sub: run(sub, device, rank, world, teacher_eval=False, s=s))
 
 
 # ----------------------------------------------------------------------------------------------------

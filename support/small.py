@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -25,8 +26,8 @@ from tqdm import tqdm
 import dmd2
 from support import metrics
 from support.data import ImageDataset
-from support.edm import EDMDenoiser, make_schedule, small_unet, teacher_sampler
-from support.runs import barrier, ema_update, is_main, load_file, save_atomic, stream_seed
+from support.edm import EDMDenoiser, make_schedule, read_checkpoint, small_unet, teacher_sampler
+from support.runs import barrier, ema_update, is_main, load_file, plot, save_atomic, stream_seed
 
 TRAIN_SIZE = 4000  # MNIST digits in the training split (the other 1,000 are held out for evaluation)
 SPLIT = "stream_seed(0, 'split')"  # the held-out split's permutation: part of every cache key (teacher, classifier)
@@ -340,6 +341,40 @@ def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, 
                 fds |= {name: tuple(map(list, zip(*ev, strict=True)))} if ev else {}
         rows.append((name, over.get("steps", 1), np.array(results)))
     return ablation_table(rows, base, seeds), curves, fds
+
+
+def run_ablation(cfg, table: str, seeds: int, base: dict, label_dim: int, run) -> str:
+    """The variants of TABLES[table] over `seeds` seeds, each a run of `cfg` (a train_imagenet Config) with the
+    variant's overrides in its own folder; `run(cfg)` trains one. A finished run of the same settings is reused."""
+    def folder(name: str, seed: int) -> str:
+        slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(": ", "_").replace(" ", "_").lower()
+        return os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}")
+
+    def run_variant(name: str, over: dict, seed: int) -> tuple[dict, list]:
+        over = {k: v(cfg) if callable(v) else v for k, v in over.items()}
+        if over.get("init_from") in ABLATION:  # a second phase: from that variant's best checkpoint (App. F.2)
+            over = over | {"init_from": os.path.join(folder(over["init_from"], seed), "best.pt")}
+        sub = dataclasses.replace(cfg, out=folder(name, seed), seed=cfg.seed + seed, **over)
+        done = os.path.join(sub.out, "metrics.json")
+        if not (os.path.exists(done) and read_checkpoint(sub.out)["config"] == dataclasses.asdict(
+                dataclasses.replace(sub, label_dim=label_dim))):
+            run(sub)
+        with open(done) as f:
+            return json.load(f), read_checkpoint(sub.out)["history"]
+
+    text, curves, fds = ablation({k: ABLATION[k] for k in TABLES[table]}, seeds, run_variant, base)
+    if is_main():
+        plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
+        if fds:  # the variants' periodic evaluations, from iteration 0
+            plot(os.path.join(cfg.out, "ablation_fd.png"), {k: v[:2] for k, v in fds.items()}, "iteration",
+                 "Frechet distance (log scale)", yscale="log")
+            if all(None not in v[2] for v in fds.values()):  # labelled data: the classifier's accuracy
+                plot(os.path.join(cfg.out, "ablation_acc.png"), {k: (v[0], v[2]) for k, v in fds.items()},
+                     "iteration", "accuracy on the labels asked for")
+        with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
+            f.write(text)
+        print(text)
+    return text
 
 
 def _pm(values: np.ndarray, fmt: str, scale: float = 1.0) -> str:
