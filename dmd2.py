@@ -260,17 +260,18 @@ def sample_timesteps(n: int, schedule: Schedule, device: torch.device | str = "c
 def dmd_gradient(x: torch.Tensor, real: Denoiser, fake: Denoiser, schedule: Schedule, cond: Cond = None,
                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None, *, w: float = 1.0,
                  uncond: Cond = None, t_min: float = 0.02, t_max: float = 0.98,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, fake_cond: Cond = None) -> torch.Tensor:
     """Eq. (2): the per-sample normalised distribution matching gradient at generator output x.
 
     x_t = F(x, t), t ~ U{0.02T .. 0.98T}. Both denoisers run without gradient; guidance (w, uncond)
-    applies to the teacher only. Returns grad, [B, ...] float32, to feed `dmd_loss`."""
+    applies to the teacher only; `fake_cond`, if given, is mu_fake's condition instead of `cond` (section 7).
+    Returns grad, [B, ...] float32, to feed `dmd_loss`."""
     x = x.detach().float()
     t = sample_timesteps(len(x), schedule, x.device, t_min, t_max, generator) if t is None else t
     noise = _randn(x, generator) if noise is None else noise
     x_t = schedule.add_noise(x, noise, t)
     x0_real = guided(real, w, uncond)(x_t, t, cond).float()  # mu_real, guided
-    x0_fake = fake(x_t, t, cond).float()  # mu_fake, never guided
+    x0_fake = fake(x_t, t, cond if fake_cond is None else fake_cond).float()  # mu_fake, never guided
     p_real, p_fake = x - x0_real, x - x0_fake
     norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # one weight per sample
     # A sample the teacher reproduces exactly (norm 0) gets no gradient, where DMD's nan_to_num would put 0 or
@@ -422,6 +423,12 @@ def sample(G: Denoiser, z: torch.Tensor, schedule: Schedule, timesteps: list[int
 # every iteration, the generator every `ratio`-th; the critic update reuses that iteration's detached
 # generator output. The generator step back-propagates through mu_fake's encoder and the head into G
 # without updating or accumulating gradient into them.
+#
+# Beyond the paper, an option (`fake_cond`): mu_fake trained on, and asked about, the samples of a multi-step G
+# learns the score of the mixture of its steps' outputs, so Eq. (2) matches only that mixture to the data, and the
+# last step, the one sampled, is free to drift as long as the others make up for it. Given the step that made
+# each sample as part of its condition (`fake_cond`: the condition and the step), mu_fake learns each step's own
+# distribution and Eq. (2) matches every step to the data. The GAN head keeps `cond`: real images have no step.
 
 
 @dataclass
@@ -480,8 +487,8 @@ def _update(loss: torch.Tensor, opt: torch.optim.Optimizer, params: list[torch.n
 
 def generator_step(G: Denoiser, opt: torch.optim.Optimizer, x_in: torch.Tensor, t_in: torch.Tensor,
                    real: Denoiser, fake: Critic, head: GANHead | None, schedule: Schedule, cond: Cond = None,
-                   hp: TTUR | None = None, uncond: Cond = None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   hp: TTUR | None = None, uncond: Cond = None, generator: torch.Generator | None = None,
+                   fake_cond: Cond = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One generator update: x = G(x_in, t_in); loss = dmd_weight L_DMD(x) + gan_g L_GAN,G(x).
 
     Network calls: G once (with grad), mu_real once (twice the batch with guidance) and mu_fake once
@@ -495,7 +502,7 @@ def generator_step(G: Denoiser, opt: torch.optim.Optimizer, x_in: torch.Tensor, 
     loss, logs = x.new_zeros((), dtype=torch.float32), {}
     if hp.dmd_weight > 0:
         grad = dmd_gradient(x, real, fake, schedule, cond, w=hp.w, uncond=uncond, t_min=hp.t_min,
-                            t_max=hp.t_max, generator=generator)
+                            t_max=hp.t_max, generator=generator, fake_cond=fake_cond)
         logs["loss_dmd"] = dmd_loss(x, grad)
         loss = loss + hp.dmd_weight * logs["loss_dmd"]
     with frozen(fake, head):
@@ -509,15 +516,16 @@ def generator_step(G: Denoiser, opt: torch.optim.Optimizer, x_in: torch.Tensor, 
 
 def critic_step(fake: Critic, head: GANHead | None, opt: torch.optim.Optimizer, x_fake: torch.Tensor,
                 schedule: Schedule, cond: Cond = None, x_real: torch.Tensor | None = None,
-                cond_real: Cond = None, hp: TTUR | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """One critic update: fake score loss on detached generator samples + gan_d x discriminator loss.
+                cond_real: Cond = None, hp: TTUR | None = None, generator: torch.Generator | None = None,
+                fake_cond: Cond = None) -> dict[str, torch.Tensor]:
+    """One critic update: fake score loss on detached generator samples (on `fake_cond`) + gan_d x GAN loss.
 
     Network calls: mu_fake once (denoising loss) and, with the GAN term, its encoder once on the
     concatenated fake and real batch (each image with its own timestep and noise)."""
     hp, params = hp or TTUR(), _params(fake, head)
     x_fake = x_fake.detach()
-    logs = {"loss_fake": fake_score_loss(x_fake, fake, schedule, cond, generator=generator)}
+    logs = {"loss_fake": fake_score_loss(x_fake, fake, schedule, cond if fake_cond is None else fake_cond,
+                                         generator=generator)}
     loss = logs["loss_fake"]
     if hp.gan_d > 0 and head is not None and x_real is not None:
         logits = gan_logits(torch.cat([x_fake.float(), x_real.float()]), fake, head, schedule,
@@ -534,14 +542,16 @@ def train_iteration(it: int, G: Denoiser, real: Denoiser, fake: Critic, head: GA
                     g_opt: torch.optim.Optimizer, c_opt: torch.optim.Optimizer, schedule: Schedule,
                     x_in: torch.Tensor, t_in: torch.Tensor, cond: Cond = None, x_real: torch.Tensor | None = None,
                     cond_real: Cond = None, hp: TTUR | None = None, uncond: Cond = None,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | None = None, fake_cond: Cond = None) -> dict[str, torch.Tensor]:
     """Iteration `it` of DMD2 training (Sec. 4.6): a generator update when it % ratio == 0, then a critic
     update on the same generated batch. x_in, t_in: the generator's input (pure noise for a one-step
-    model, `backward_simulation` for a multi-step one). Returns detached loss values."""
+    model, `backward_simulation` for a multi-step one); fake_cond: mu_fake's condition if not `cond` (beyond
+    the paper, above). Returns detached loss values."""
     hp = hp or TTUR()
     if it % hp.ratio == 0:
-        x, logs = generator_step(G, g_opt, x_in, t_in, real, fake, head, schedule, cond, hp, uncond, generator)
+        x, logs = generator_step(G, g_opt, x_in, t_in, real, fake, head, schedule, cond, hp, uncond, generator,
+                                 fake_cond)
     else:
         with torch.no_grad():
             x, logs = G(x_in, t_in, cond), {}
-    return logs | critic_step(fake, head, c_opt, x, schedule, cond, x_real, cond_real, hp, generator)
+    return logs | critic_step(fake, head, c_opt, x, schedule, cond, x_real, cond_real, hp, generator, fake_cond)

@@ -21,6 +21,7 @@ import math
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 import dmd2
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("source", help="the student: run folder / checkpoint, exported or UNet folder, state dict, LoRA")
     p.add_argument("--seed", type=int, default=0, help="text-to-image: the i-th batch of --batch prompts is the stock "
                    "diffusers pipeline's\nimages with generator=torch.Generator(device).manual_seed(SEED + i) (SD3: "
-                   "its step noise\nfrom torch's global generator, seeded with SEED + i + 1; docs/text-to-image.md)")
+                   "called without a generator\nafter torch.manual_seed(SEED + i): its latents and step noise from "
+                   "that one stream;\ndocs/text-to-image.md)")
     p.add_argument("--out", help="a folder (one PNG per image), or a .png path for one grid (default: samples/; "
                    "class-conditional: <run>/samples_cli.png)")
     p.add_argument("--batch", type=int, default=4, help="images per network call")
@@ -72,15 +74,12 @@ def class_conditional(args: argparse.Namespace) -> str:
     samples each, at the run's steps (`--steps 4`: dmd2.sample at 999, 749, 499, 249)."""
     from support.edm import load_generator, save_grid
 
-    device = torch.device(args.device)
-    G, cfg = load_generator(args.source, device, ema=args.ema)
+    G, cfg = load_generator(args.source, torch.device(args.device), ema=args.ema)
     label_dim, resolution = cfg["label_dim"], cfg["resolution"]
-    if label_dim == 0 and args.labels is not None:
-        raise ValueError("--labels: this generator is unconditional")
+    runs.require(label_dim or args.labels is None, "--labels: this generator is unconditional")
     labels = (list(range(min(label_dim, 10))) or [0] * 10) if args.labels is None else args.labels
     bad = [y for y in labels if not 0 <= y < max(label_dim, 1)]
-    if bad:
-        raise ValueError(f"--labels {bad}: this generator has classes 0..{label_dim - 1}")
+    runs.require(not bad, f"--labels {bad}: this generator has classes 0..{label_dim - 1}")
     channels = next(iter(G.net.model.enc.values())).in_channels
     out = args.out or os.path.join(args.source if os.path.isdir(args.source) else os.path.dirname(args.source),
                                    "samples_cli.png")
@@ -96,9 +95,7 @@ def class_conditional(args: argparse.Namespace) -> str:
 
 def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
     """(base model, metadata, our checkpoint or None) of SOURCE, without loading any network."""
-    src = Path(args.source)
-    if not src.exists():
-        raise ValueError(f"{args.source}: no such file or folder")
+    src = Path(args.source)  # it exists: main's check_source ran first
     ckpt = src / "checkpoint.pt" if src.is_dir() else src
     if ckpt.is_file() and ckpt.suffix == ".pt":  # a train_t2i.py checkpoint records its base and schedule
         c = runs.load_file(ckpt, "checkpoint of train_t2i.py", mmap=True)
@@ -106,14 +103,13 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, dict, dict | None]:
         cfg["model"] = args.model or cfg["model"]
         return cfg["model"], {"timesteps": sd.student_timesteps(cfg["steps"], cfg["conditioning_timestep"]),
                               "resolution": cfg["resolution"], "t5": cfg.get("t5", True)}, c
-    # an export folder's dmd2.json, also for the weights inside it (transformer/ or unet/, the fp16 and LoRA files)
-    found = [f for f in (src / "dmd2.json", src.parent / "dmd2.json") if f.is_file()]
-    meta = json.loads(found[0].read_text()) if found else {}
+    # an export folder's dmd2.json, also for the weights it lists (transformer/ or unet/, the fp16 and LoRA files)
+    own, parent = src / "dmd2.json", src.parent / "dmd2.json"
+    meta = json.loads((own if own.is_file() else parent).read_text()) if own.is_file() or parent.is_file() else {}
+    meta = meta if own.is_file() or src.name in meta.get("files", []) else {}
     model = args.model or meta.get("model")
-    if not model:
-        raise ValueError(f"{args.source}: pass --model, the base model these weights belong to")
-    sd.model_index(model)
-    return model, meta, None
+    runs.require(model, f"{args.source}: pass --model, the base model these weights belong to")
+    return model, meta, None  # load_base checks the model (sd.model_index) first
 
 
 def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, dtype: torch.dtype):
@@ -139,18 +135,12 @@ def load_student(args: argparse.Namespace, base, model: str, ckpt: dict | None, 
         raise ValueError(f"{src}: no {kind} (config.json), LoRA weights or checkpoint (checkpoint.pt) in this folder")
     net = cls.from_config(cls.load_config(model, subfolder=kind))
     try:  # the released fp16 weights: a plain state dict of the base model's network
-        net.load_state_dict(read_state_dict(src), strict=True)
+        state = (safetensors.torch.load_file(str(src)) if src.suffix == ".safetensors" else
+                 torch.load(src, map_location="cpu", weights_only=True))
+        net.load_state_dict(state, strict=True)
     except (RuntimeError, OSError, ValueError) as e:
         raise ValueError(f"{src}: not a state dict of {model}'s {kind} ({str(e).splitlines()[0]})") from e
     return net.to(device) if dtype == torch.float32 else net.to(device, dtype)
-
-
-def read_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def lora_file(src: Path) -> Path | None:
@@ -171,8 +161,7 @@ def lora_file(src: Path) -> Path | None:
 
 def timesteps_for(args: argparse.Namespace, meta: dict, family: str) -> list[int]:
     if args.timesteps:
-        if not all(0 <= t < 1000 for t in args.timesteps):
-            raise ValueError("--timesteps must lie in [0, 1000)")
+        runs.require(all(0 <= t < 1000 for t in args.timesteps), "--timesteps must lie in [0, 1000)")
         return args.timesteps
     if args.steps:
         return ([399] if family == "sdxl" else [999]) if args.steps == 1 else dmd2.step_timesteps(args.steps)
@@ -186,8 +175,7 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
     from torchvision.utils import make_grid, save_image
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
-    if not prompts:
-        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    runs.require(prompts, "give --prompt TEXT (repeatable) or --prompts FILE")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, meta, ckpt = resolve_source(args)
@@ -203,12 +191,13 @@ def text_to_image(args: argparse.Namespace) -> torch.Tensor:
     images = []
     for i, b in enumerate(range(0, len(prompts), args.batch)):
         batch = prompts[b:b + args.batch]
-        g = torch.Generator(device).manual_seed(args.seed + i)  # the latents, as the stock pipeline draws them
+        # the stock pipeline's streams: a generator for the latents and the step noise (UNets), or for SD3, whose
+        # pipeline passes none to its scheduler, torch's global one, seeded per batch, for both
+        g = None if base.family == "sd3" else torch.Generator(device).manual_seed(args.seed + i)
+        if g is None:
+            torch.manual_seed(args.seed + i)
         z = torch.randn(len(batch), unet.config.in_channels, latent, latent, generator=g, device=device)
-        if base.family == "sd3":  # its pipeline draws the step noise from torch's global generator: seeded apart
-            torch.manual_seed(args.seed + i + 1)
-        x0 = dmd2.sample(G, z, base.schedule, timesteps, sd.encode_prompts(base, batch, res),
-                         None if base.family == "sd3" else g)
+        x0 = dmd2.sample(G, z, base.schedule, timesteps, sd.encode_prompts(base, batch, res), g)
         images.append(sd.decode(base, x0).cpu())
     images = torch.cat(images)
     out = Path(args.out)
@@ -232,15 +221,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Generate one image per prompt into --out, then FID, patch FID and CLIP score against --ref-images."""
     if not args.prompts or not args.ref_images or not os.path.isdir(args.ref_images):
         raise ValueError("--eval needs --prompts FILE and --ref-images FOLDER")
-    if Path(args.out).suffix == ".png":
-        raise ValueError("--eval writes one image per prompt: --out must be a folder")
+    runs.require(Path(args.out).suffix != ".png", "--eval writes one image per prompt: --out must be a folder")
     images = text_to_image(args)
-    out, device = Path(args.out), torch.device(args.device)
-    res = images.shape[-1]
+    out, device, res = Path(args.out), torch.device(args.device), images.shape[-1]
     eval_res = args.eval_res or (512 if res >= 1024 else 256)
-    results = {"images": len(images), "resolution": res, "eval_res": eval_res,
-               "fid": metrics.folder_fid(out, args.ref_images, metrics.centre_crop_resize(eval_res), device,
-                                         args.batch)}
+    fid = metrics.folder_fid(out, args.ref_images, metrics.centre_crop_resize(eval_res), device, args.batch)
+    results = {"images": len(images), "resolution": res, "eval_res": eval_res, "fid": fid}
     if res >= 299:  # patch FID (Table 2): detail at full resolution
         results["patch_fid"] = metrics.folder_fid(out, args.ref_images, metrics.centre_patch(299), device, args.batch)
     else:
@@ -256,8 +242,7 @@ def check_source(source: str) -> str:
     """'class-conditional' or 'text-to-image' (the `kind` our training checkpoints record; any other student is
     text-to-image), or a one-line error for a SOURCE that holds no student."""
     src = Path(source)
-    if not src.exists():
-        raise ValueError(f"{source}: no such file or folder")
+    runs.require(src.exists(), f"{source}: no such file or folder")
     students = ("checkpoint.pt", "config.json", "dmd2.json", "unet/config.json", "transformer/config.json")
     if src.is_dir() and not any((src / f).is_file() for f in students) and lora_file(src) is None:
         raise ValueError(f"{source}: no student here: expected a run folder (checkpoint.pt), an export or diffusers "
@@ -273,9 +258,8 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     with runs.one_line_errors():
         if check_source(args.source) == "class-conditional":
-            if args.eval:
-                raise ValueError("--eval is for text-to-image; evaluate a class-conditional run with "
-                                 "`python train_imagenet.py --out RUN --eval-only`")
+            runs.require(not args.eval, "--eval is for text-to-image; evaluate a class-conditional run with "
+                         "`python train_imagenet.py --out RUN --eval-only`")
             if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(args.out) or ".")):
                 raise ValueError(f"--out {args.out}: give a .png file path in an existing folder (one grid)")
             return class_conditional(args)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 import dmd2
-from support import edm, metrics, runs, small
+from support import edm, metrics, runs, small, toy2d
 from support.data import ImageDataset, RealImages
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ class Config:
     seed: int = 0  # every random stream of the run (runs.stream_seed: noise, data order, evaluation, ...)
     iters: int = 1200  # training iterations (critic updates); generator updates = iters / ratio
     batch: int = 64  # global batch (all ranks)
-    lr: float = 4e-4  # AdamW learning rate of G and the critic
+    lr: float = 4e-4  # AdamW learning rate of G and the critic (small runs with --steps > 1: 1e-4)
     lr_final: float | None = 1e-5  # cosine decay to this at decay_iters (None, or = lr: constant, as the paper)
     decay_iters: int = 1200  # end of the cosine decay (independent of iters, so a resumed run keeps its schedule)
     warmup: int = 100  # linear learning-rate warm-up, in training iterations (both optimisers)
@@ -63,6 +63,7 @@ class Config:
     t_min: float = 0.02  # DMD timesteps in [t_min T, t_max T]
     t_max: float = 0.98
     gan_t_max: float = 1.0  # GAN noise timesteps in [0, gan_t_max T] (the paper: all of them)
+    fake_step: bool = False  # beyond the paper: the fake score also told which step made a sample (dmd2.py, sec. 7)
     max_grad_norm: float = 10.0
     # paper scale: an EDM teacher and its data (defaults then the paper's, App. F.2)
     teacher: str | None = None  # EDM pickle (path or URL; runs code: trusted files only); None: a small teacher
@@ -77,6 +78,7 @@ class Config:
     teacher_batch: int = 64
     teacher_lr: float = 2e-3
     teacher_seed: int = 0
+    teacher_mislabel: float = 0.0  # a teacher with a known error: this share of the 0-4s labelled as 5-9 (0 as 5, ...)
     channels: int = 16  # small UNet width (0.79M parameters at 16 px)
     classifier_iters: int = 600
     inception: bool = True  # --data without --teacher: also FID / KID in Inception features (clean-fid's weights)
@@ -116,7 +118,8 @@ class Nets:
 
 def build_nets(cfg: Config, teacher_net: nn.Module, channels: int, device: torch.device) -> Nets:
     G, critic = edm.build_students(teacher_net, edm.make_schedule(cfg.schedule, cfg.shift), cfg.label_dim,
-                                   channels, cfg.resolution, cfg.gan_d > 0 or cfg.gan_g > 0, cfg.seed, device)
+                                   channels, cfg.resolution, cfg.gan_d > 0 or cfg.gan_g > 0, cfg.seed, device,
+                                   cfg.steps if cfg.fake_step else 0)
     return Nets(G, critic, copy.deepcopy(G).requires_grad_(False) if cfg.ema > 0 else None)
 
 
@@ -130,7 +133,8 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         edm.compile_networks(G, critic, teacher)
     opt = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True)
     head = list(critic.head.parameters()) if critic.head is not None else []
-    groups = [{"params": list(critic.fake.parameters())}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
+    head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+    groups = [{"params": list(critic.fake.parameters())}, {"params": head, "lr": head_lr}]
     g_opt, c_opt = torch.optim.AdamW(G.parameters(), **opt), torch.optim.AdamW(groups, **opt)
     # both schedules advance every iteration, the generator's too (the paper counts warm-up in iterations)
     factor = runs.warmup_cosine(cfg.warmup, cfg.decay_iters, cfg.lr_final / cfg.lr if cfg.lr > 0 and
@@ -149,9 +153,11 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         edm.load_weights(G, ck["G"], path)
         edm.load_weights(critic, ck["critic"], path)
         for obj, key in [(g_opt, "g_opt"), (c_opt, "c_opt"), (g_sched, "g_sched"), (c_sched, "c_sched")]:
-            obj.load_state_dict(ck[key])
+            runs.load_state(obj, ck[key])
         for sched in (g_sched, c_sched):  # a learning rate given on the command line wins over the saved one
-            sched.base_lrs = [cfg.lr, cfg.head_lr or cfg.lr][:len(sched.base_lrs)]
+            sched.base_lrs = [cfg.lr, head_lr][:len(sched.optimizer.param_groups)]
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):  # from now on
+                group["lr"] = base * factor(sched.last_epoch)
         if nets.ema is not None:  # a run saved without an EMA starts one from its generator
             nets.ema.load_state_dict(ck["ema"] if ck.get("ema") is not None else G.state_dict())
         runs.set_rng_state({"gen": gen} | ({"k": k_gen} if "k" in ck["rng"][rank] else {}), ck["rng"][rank])
@@ -207,7 +213,8 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
 
     def evaluated(step: int) -> dict:  # a periodic evaluation, as a row of the log
         m = evaluate(nets, step)["student"]
-        history.append(dict(it=step, eval_fd=m["fd"], eval_kid=m.get("kid"), eval_acc=m.get("accuracy")))
+        history.append(dict(it=step, eval_fd=m["fd"], eval_kid=m.get("kid"), eval_acc=m.get("accuracy")) |
+                       {f"eval_{k}": m[k] for k in ("class_tv", "step_fd", "step_acc") if k in m})
         return history[-1]
 
     if evaluate is not None and cfg.eval_every and start == 0:  # the curve's start: the teacher's weights, one step
@@ -220,8 +227,10 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
         x_real, y_real = real_batch()
         with runs.autocast(device):  # one step: x = G(sigma_max z; sigma_max, label)
             x_in, t_in, labels = generator_input(z, labels)
+            k_in = (T - 1 - t_in) // (T // cfg.steps)  # the step of G's input: mu_fake's (class, step) if told
             logs = dmd2.train_iteration(it, G_train, teacher, fake_train, critic.head, g_opt, c_opt, schedule,
-                                        x_in, t_in, labels, x_real, y_real, hp=hp, generator=gen)
+                                        x_in, t_in, labels, x_real, y_real, hp=hp, generator=gen,
+                                        fake_cond=torch.stack([labels, k_in], 1) if cfg.fake_step else None)
         g_sched.step()
         c_sched.step()
         if nets.ema is not None and it % cfg.ratio == 0:  # after each generator update, ramped up as EDM's EMA
@@ -245,16 +254,16 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
                                          f"good checkpoint: {last}")
             history.append(row)
             log.write(row)
-        if save_now or it + 1 == cfg.iters:
-            save(it + 1)
-            saved = it + 1
         if evaluate is not None and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters):
-            row = evaluated(it + 1)
+            row = evaluated(it + 1)  # before this iteration's checkpoint, which then holds it (exact resume)
             if best is None or row["eval_fd"] < best["best_fd"]:  # App. F.2: phase 2 starts from the best checkpoint
                 best = dict(best_fd=row["eval_fd"], best_it=it + 1)
                 save(it + 1, os.path.join(cfg.out, "best.pt"), best=dict(fd=row["eval_fd"], step=it + 1))
             row.update(best)
             log.write(row)
+        if save_now or it + 1 == cfg.iters:
+            save(it + 1)
+            saved = it + 1
     nets.history = history
     return nets
 
@@ -269,14 +278,16 @@ def setup(cfg: Config, device: torch.device, timings: dict) -> dict:
     if cfg.teacher is None:
         recipe = dict(resolution=cfg.resolution, channels=cfg.channels, iters=cfg.teacher_iters,
                       batch=cfg.teacher_batch, lr=cfg.teacher_lr, seed=cfg.teacher_seed, schedule=cfg.schedule)
+        recipe |= {"mislabel": cfg.teacher_mislabel} if cfg.teacher_mislabel else {}
         return small.small_setup(cfg.out, recipe, cfg.data, cfg.classifier_iters, cfg.data is not None and
                                  cfg.inception, device, timings)
     return metrics.pickle_setup(cfg.teacher, cfg.data, cfg.ref, cfg.resolution, cfg.label_dim, device, timings)
 
 
-def sampler(G: edm.EDMDenoiser, cfg: Config, rank: int):
-    """The student at its steps (dmd2.sample; fresh noise between steps from a generator seeded once per rank)."""
-    return edm.few_step(G, dmd2.step_timesteps(cfg.steps), seed=runs.stream_seed(cfg.seed, "sampler", rank))
+def sampler(G: edm.EDMDenoiser, cfg: Config, rank: int, steps: int | None = None):
+    """The student at its steps (dmd2.sample; fresh noise between steps from a generator seeded once per rank);
+    `steps` < cfg.steps: its first steps only, returning that step's x0."""
+    return edm.few_step(G, dmd2.step_timesteps(cfg.steps)[:steps], seed=runs.stream_seed(cfg.seed, "sampler", rank))
 
 
 def evaluate(cfg: Config, setup: dict, nets: Nets | None, device: torch.device, rank: int, world: int,
@@ -292,41 +303,37 @@ def evaluate(cfg: Config, setup: dict, nets: Nets | None, device: torch.device, 
     ref, out["real_vs_real"] = small.reference(setup, n, device) if small_run else ({"inception": setup["ref"]}, None)
 
     def score(sample_fn):
-        stats, acc = metrics.generated_stats(sample_fn, shape, n, 250, setup["label_dim"], ex, cfg.seed, device,
-                                             rank, world, keep=small_run)
+        stats, acc, classes = metrics.generated_stats(sample_fn, shape, n, 250, setup["label_dim"], ex, cfg.seed,
+                                                      device, rank, world, keep=small_run)
         if small_run:
-            return small.scores(stats, ref, acc if setup["label_dim"] else None)
+            return small.scores(stats, ref, acc if setup["label_dim"] else None, classes)
         return dict(fd=metrics.fid_from_statistics(*stats["inception"].result(), *ref["inception"]))
 
     for key, G in (("student", nets and nets.G), ("student_ema", nets and nets.ema)):
         if G is not None:
             out[key] = score(sampler(G, cfg, rank)) | dict(nfe=cfg.steps)
+    if nets and small_run and cfg.steps > 1:  # each step's own x0, on the same noise and labels: which step drifts
+        each = [score(sampler(nets.G, cfg, rank, k)) for k in range(1, cfg.steps)] + [out["student"]]
+        out["student"] |= dict(step_fd=[m["fd"] for m in each], step_acc=[m.get("accuracy") for m in each])
     if teacher and small_run:
         out["teacher"] = small.teacher_metrics(cfg.out, setup, n, score)
     return {k: v for k, v in out.items() if v is not None}
 
 
-def write_outputs(cfg: Config, setup: dict, nets: Nets, results: dict) -> None:
-    """Sample grid (a row per class), metrics.json, brightness plot; log.jsonl and checkpoint exist already."""
-    rows = min(cfg.label_dim, 10) or 10  # unconditional: ten rows of samples
-    labels = [i * (cfg.label_dim // rows) for i in range(rows)]
-    edm.save_grid(nets.ema or nets.G, labels, 10, setup["channels"], cfg.resolution, cfg.seed,
-                  os.path.join(cfg.out, "samples.png"), timesteps=dmd2.step_timesteps(cfg.steps))
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    rows = [r for r in nets.history if "brightness" in r]
-    if rows:
-        runs.plot(os.path.join(cfg.out, "brightness.png"), {"G": ([r["it"] for r in rows],
-                                                                  [r["brightness"] for r in rows])},
-                  "iteration", "mean sample brightness", "generator output brightness (Fig. 8)")
-
-
-def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool = False,
-        eval_only: bool = False, teacher_eval: bool = True, s: dict | None = None) -> dict:
+def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool = False, eval_only: bool = False,
+        teacher_eval: bool = True, s: dict | None = None, reuse: bool = False) -> dict:
+    """Train (or resume, or only evaluate) and evaluate one run; write its folder. `reuse`: return its
+    metrics.json instead if that holds this run's identity (every input that decides the result)."""
     timings, start = {}, time.time()
     os.makedirs(cfg.out, exist_ok=True)
     s = s or setup(cfg, device, timings)
     cfg = dataclasses.replace(cfg, label_dim=s["label_dim"])  # a small teacher has the data's classes
+    init = edm.read_checkpoint(cfg.init_from) if cfg.init_from else None
+    identity = dict(config=asdict(cfg) | {"out": None}, code=runs.code_digest(__file__),
+                    init_from=init and runs.weights_digest(init["G"], init["critic"]),
+                    teacher=runs.weights_digest(s["teacher"].state_dict()), classifier=s.get("classifier_digest"))
+    if (done := runs.finished(cfg.out, identity, reuse)) is not None:
+        return done
     periodic: dict = {}
     if not eval_only:
         n = len(s["real"][0]) if isinstance(s["real"], tuple) else len(s["real"])
@@ -347,8 +354,8 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
         ck = edm.read_checkpoint(cfg.out, device)
         nets = build_nets(cfg, s["teacher"], s["channels"], device)
         edm.load_weights(nets.G, ck["G"], cfg.out)
-        if nets.ema is not None and ck.get("ema") is not None:
-            nets.ema.load_state_dict(ck["ema"])
+        if nets.ema is not None:  # a run saved without an EMA: its generator (as --resume --ema)
+            nets.ema.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["G"])
         nets.history = ck["history"]
     t = time.time()
     results = dict(periodic.get(cfg.iters, {}))  # the periodic evaluation at the end of training, if any
@@ -356,29 +363,19 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
     timings["eval_s"] = round(time.time() - t, 1)
     timings["total_s"] = round(time.time() - start, 1)
     results |= dict(timings=timings, samples=cfg.eval_samples, iters=cfg.iters, seed=cfg.seed,
-                    classifier_test_accuracy=s.get("classifier_accuracy"))
-    best = [r for r in nets.history if "best_fd" in r]
-    if best:
+                    classifier_test_accuracy=s.get("classifier_accuracy"), identity=identity)
+    if best := [r for r in nets.history if "best_fd" in r]:
         results["best"] = dict(fd=best[-1]["best_fd"], step=best[-1]["best_it"], checkpoint="best.pt")
-    if runs.is_main():
-        write_outputs(cfg, s, nets, results)
+    if runs.is_main():  # the sample grid (a row per class; unconditional: ten rows), metrics.json, the plots
+        rows = min(cfg.label_dim, 10) or 10
+        edm.save_grid(nets.ema or nets.G, [i * (cfg.label_dim // rows) for i in range(rows)], 10, s["channels"],
+                      cfg.resolution, cfg.seed, os.path.join(cfg.out, "samples.png"), 100,
+                      dmd2.step_timesteps(cfg.steps))
+        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        runs.plot_history(cfg.out, nets.history)
         runs.print_results(results)
     return results
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tables 3 and 4 at small scale, the headline and the flow teacher (support/small.py: ABLATION, TABLES, SETTINGS).
-
-def ablation(cfg: Config, device: torch.device, rank: int, world: int, table: str, seeds: int) -> str:
-    """Train each variant from the same teacher, over `seeds` seeds (cfg.seed, cfg.seed + 1, ...); write
-    ablation.md (mean ± standard deviation), ablation_brightness.png and, with periodic evaluations,
-    ablation_fd.png and ablation_acc.png (the first seed's)."""
-    if cfg.teacher is not None:
-        raise ValueError("--ablation runs the small experiment (no --teacher)")
-    s = setup(cfg, device, {})  # the run folder's teacher and classifier (trained if not there yet)
-    base = evaluate(dataclasses.replace(cfg, label_dim=s["label_dim"]), s, None, device, rank, world)
-    return small.run_ablation(cfg, table, seeds, base, s["label_dim"],
-                              lambda sub: run(sub, device, rank, world, teacher_eval=False, s=s))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,11 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint.pt")
     run.add_argument("--eval-only", action="store_true", help="evaluate the run folder's checkpoint and exit")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    small_.add_argument("--ablation", nargs="?", const="all", choices=list(small.TABLES), help="variants, one teacher: "
-                        "table3 (TTUR, GAN), table4 (backward simulation), all (both), gan (the GAN's balance: its "
-                        "discriminator and steps), headline (App. F.2: DMD + TTUR to its best checkpoint, then on with "
-                        "and without the GAN; --teacher-iters 400: a weaker teacher), flow (a flow teacher's "
-                        "four-step student on the shifted table)")
+    small_.add_argument("--ablation", nargs="?", const="all", choices=[*small.TABLES, "toy2d"], help="variants from "
+                        "one teacher: table3, table4, all (both), gan (its balance), headline (App. F.2's phases), "
+                        "flow (four flow steps), teacher-error (the headline from a teacher of known error); toy2d: "
+                        "the same in 2-D, in minutes (docs/small-scale.md, docs/gan-and-teacher.md)")
     small_.add_argument("--seeds", type=int, default=1, help="--ablation: seeds per variant (mean ± std)")
     speed.add_argument("--benchmark", action="store_true", help="time, FLOPs and network calls of one generator "
                        "update of the ImageNet ADM architecture (random weights) or of --teacher's network")
@@ -406,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # settings a resumed run cannot change: they define the networks (and the cached teacher) in the checkpoint
 FIXED_ON_RESUME = ("teacher", "data", "resolution", "channels", "label_dim", "teacher_iters", "teacher_batch",
-                   "teacher_lr", "teacher_seed", "seed", "steps", "schedule", "shift")
+                   "teacher_lr", "teacher_seed", "teacher_mislabel", "seed", "steps", "schedule", "shift", "fake_step")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
@@ -415,7 +411,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     given = runs.given_flags(args, Config)
     flow = {"out": "runs/flow"} if given.get("schedule") == "flow" else {}
     setting = flow | small.SETTINGS.get(args.ablation, {})
-    cfg = Config.imagenet(**given) if given.get("teacher") else Config(**(setting | given))
+    few = {"lr": small.FEW["lr"]} if given.get("steps", 1) > 1 else {}  # a small multi-step student's lr
+    cfg = Config.imagenet(**given) if given.get("teacher") else Config(**(few | setting | given))
     try:
         if args.resume or args.eval_only:  # the run's own settings, except what the command line changes
             path = os.path.join(cfg.out, "checkpoint.pt")
@@ -426,6 +423,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             runs.require(cfg.data is None or os.path.exists(cfg.data), f"--data: {cfg.data} does not exist")
             cfg.resolution = 16 if cfg.data is None else ImageDataset(cfg.data, use_labels=None).resolution
         validate(cfg, args)
+        for sub in small.variants(cfg, args.ablation, args.seeds).values() if args.ablation in small.TABLES else []:
+            validate(dataclasses.replace(sub, init_from=cfg.init_from), args)  # each variant's settings, as a run's
+        if not args.benchmark:
+            runs.prepare_run_folder(cfg.out)
     except (ValueError, PermissionError) as e:
         p.error(str(e))
     return cfg, args
@@ -437,6 +438,10 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
     runs.check_numbers(cfg, ("iters", "batch", "ratio", "log_every", "ckpt_every", "teacher_iters", "teacher_batch",
                              "classifier_iters", "channels", "decay_iters"), ("teacher_lr", "max_grad_norm"))
     need(cfg.eval_samples >= 2, "--eval-samples must be >= 2 (a covariance)")
+    need(0 <= cfg.teacher_mislabel <= 1, f"--teacher-mislabel must be in [0, 1], got {cfg.teacher_mislabel}")
+    for f in ("fake_step", "teacher_mislabel", "ablation"):  # options of the small experiment only
+        need(cfg.teacher is None or not getattr(cfg, f, args.ablation), f"{runs.flag(f)} needs a small teacher "
+             "(no --teacher)")
     need(cfg.resolution >= 4 and not cfg.resolution & (cfg.resolution - 1), f"--resolution must be a power of two "
          f">= 4, got {cfg.resolution}" + ("" if cfg.teacher else " (--resolution 16 or 32 resizes the images)"))
     need(cfg.teacher is None or cfg.data is not None or args.benchmark, "--teacher needs --data (the real images of "
@@ -464,12 +469,10 @@ def validate(cfg: Config, args: argparse.Namespace) -> None:
         small.check_small_unet(cfg.resolution, cfg.channels, cfg.gan_g > 0 or cfg.gan_d > 0)
     if cfg.init_from:
         saved = edm.read_checkpoint(cfg.init_from)["config"]
-        differ = [k for k in ("resolution", "data", "channels" if cfg.teacher is None else "label_dim")
+        differ = [k for k in ("resolution", "data", "channels" if cfg.teacher is None else "label_dim", "fake_step")
                   if saved.get(k) != getattr(cfg, k)] + (["teacher"] if (saved.get("teacher") is None) !=
                                                          (cfg.teacher is None) else [])
         need(not differ, f"--init-from {cfg.init_from}: its networks differ from this run's ({', '.join(differ)})")
-    if not args.benchmark:
-        runs.prepare_run_folder(cfg.out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -484,8 +487,13 @@ def main(argv: list[str] | None = None) -> dict:
                 return benchmark(device, ttur(cfg), cfg.lr, teacher=cfg.teacher, compile=cfg.compile, batch=args.batch,
                                  channels=args.channels)
             with runs.locked(cfg.out):
-                if args.ablation:
-                    return ablation(cfg, device, rank, world, args.ablation, args.seeds)
+                if args.ablation == "toy2d":
+                    return toy2d.run(cfg.out, args.seeds)
+                if args.ablation:  # the variants (small.TABLES) from the folder's teacher, reusing finished runs
+                    s = setup(cfg, device, {})
+                    base = evaluate(dataclasses.replace(cfg, label_dim=s["label_dim"]), s, None, device, rank, world)
+                    return small.run_ablation(cfg.out, small.variants(cfg, args.ablation, args.seeds), base, lambda
+                                              sub: run(sub, device, rank, world, teacher_eval=False, s=s, reuse=True))
                 return run(cfg, device, rank, world, resume=args.resume, eval_only=args.eval_only)
     finally:
         if dist.is_initialized():

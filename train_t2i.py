@@ -136,9 +136,8 @@ def validate(cfg: Config, world: int) -> None:
     runs.require(bool(cfg.preset), f"--preset is required: one of {', '.join(PRESETS)}")
     check_family(cfg.preset, sd.family(cfg.model), cfg.model)
     read_prompts(cfg.prompts)
-    if needs_real(cfg) and not cfg.real_images:
-        raise ValueError("--real-images is required: the GAN term (and the no-backward-simulation ablation) "
-                         "needs real images with captions")
+    runs.require(cfg.real_images or not needs_real(cfg), "--real-images is required: the GAN term (and the "
+                 "no-backward-simulation ablation) needs real images with captions")
     runs.require(cfg.mode in MODES and cfg.dist in DISTS, f"--mode must be one of {MODES}, --dist one of {DISTS}")
     if cfg.dist == "fsdp" and cfg.mode != "full" and world > 1:
         raise ValueError("--dist fsdp shards full fine-tuning; LoRA modes use DDP (--dist ddp)")
@@ -156,15 +155,13 @@ def validate(cfg: Config, world: int) -> None:
     m = sd.downsampling(cfg.model)
     side = cfg.resolution // m
     if cfg.resolution % m or (needs_real(cfg) and (side < 4 or side & (side - 1))):
-        raise ValueError(f"--resolution {cfg.resolution}: must be a multiple of {m} (VAE x network downsampling) "
-                         f"with a power-of-two bottleneck of at least 4 for the GAN head, e.g. {m * 4}, {m * 8}, "
-                         f"{m * 16}")
+        raise ValueError(f"--resolution {cfg.resolution}: must be a multiple of {m} (VAE x network downsampling) with "
+                         f"a power-of-two bottleneck of at least 4 for the GAN head, e.g. {m * 4}, {m * 8}, {m * 16}")
 
 
 def check_family(preset: str, fam: str, model: str) -> None:
     names, want = {"sd15": "SD v1.5", "sdxl": "SDXL", "sd3": "SD3"}, "sd3" if preset.startswith("sd3") else preset[:4]
-    if fam != want:
-        raise ValueError(f"--preset {preset} is for {names[want]}, but {model} is {names[fam]}-based")
+    runs.require(fam == want, f"--preset {preset} is for {names[want]}, but {model} is {names[fam]}-based")
 
 
 def needs_real(cfg: Config) -> bool:
@@ -299,9 +296,8 @@ def loop(cfg: Config, rank: int, world: int, device: torch.device, prompts: list
     if images is not None:
         cache = str(out / f"latents_{rank}of{world}.pt") if cfg.cache_latents else None
         real = sd.RealLatents(images, base.vae, cache, seed=runs.stream_seed(cfg.seed, "latents", rank))
-    pairs = None
-    if lp is not None:  # before wrapping: a stock pipeline runs it
-        pairs = teacher_pairs(cfg, base, prompts, out / f"warmup_pairs_{rank}of{world}.pt", rank, world)
+    pairs = (teacher_pairs(cfg, base, prompts, out / f"warmup_pairs_{rank}of{world}.pt", rank, world)
+             if lp is not None else None)  # before wrapping: a stock pipeline runs it
     nets = build_nets(cfg, base, device, world)
     opts = dict(zip(("g_opt", "c_opt"), memory.optimizers(nets, cfg.lr), strict=True))
     warm = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup, 1))  # noqa: E731

@@ -105,9 +105,7 @@ def measure(rows: dict[str, Callable[[], None]], update: Callable[[], None], dev
             flops_row: str) -> dict:
     """rows: name -> configure(); each row's warm-up seconds, then `updates` interleaved timed updates per row
     (median), FLOPs of one update (counted on `flops_row`), FLOP/s, fraction of peak, peak memory."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def timed() -> float:
         sync()

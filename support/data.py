@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 from PIL import Image, ImageOps
 
-from support.runs import stream_seed
+from support.runs import require, stream_seed
 
 
 class RealImages:
@@ -91,22 +91,17 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, path: str, resolution: int | None = None, use_labels: bool | None = True):
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such dataset: {path}")
-        self.path = path
-        self._zip: zipfile.ZipFile | None = None
-        self._zip_pid = -1
-        if os.path.isdir(path):
-            self._is_zip = False
+        self.path, self._zip, self._zip_pid, self._is_zip = path, None, -1, not os.path.isdir(path)  # _zip: ZipFile
+        if not self._is_zip:
             names = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
                      for root, _dirs, files in os.walk(path) for f in files]
         elif path.lower().endswith(".zip") and zipfile.is_zipfile(path):
-            self._is_zip = True
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
         else:
             raise ValueError(f"{path}: a dataset must be a folder or a .zip archive")
         self.names = sorted(n for n in names if os.path.splitext(n)[1].lower() in _IMAGE_EXTENSIONS)
-        if not self.names:
-            raise ValueError(f"{path}: no images found (extensions {', '.join(_IMAGE_EXTENSIONS)})")
+        require(self.names, f"{path}: no images found (extensions {', '.join(_IMAGE_EXTENSIONS)})")
         self._shape = self._check_images(resolution)  # (C, H, W)
         if use_labels is None:  # labels if dataset.json has them, else none (unconditional)
             use_labels = self._has_labels()
@@ -172,8 +167,7 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.path}: use_labels=True but there is no dataset.json{hint}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.path}: dataset.json is not valid JSON: {e}") from e
-        if not isinstance(meta, dict) or "labels" not in meta:
-            raise ValueError(f"{self.path}: dataset.json has no 'labels' entry{hint}")
+        require(isinstance(meta, dict) and "labels" in meta, f"{self.path}: dataset.json has no 'labels' entry{hint}")
         if meta["labels"] is None:
             raise ValueError(f"{self.path}: dataset.json has null labels (written from unlabelled data){hint}")
         try:
@@ -181,9 +175,8 @@ class ImageDataset(torch.utils.data.Dataset):
         except (TypeError, ValueError):
             raise ValueError(f"{self.path}: dataset.json 'labels' must be a list of [name, label] pairs") from None
         missing = [name for name in self.names if name not in labels]
-        if missing:
-            raise ValueError(f"{self.path}: {len(missing)} of {len(self.names)} images have no label in "
-                             f"dataset.json, e.g. {', '.join(missing[:3])}")
+        require(not missing, f"{self.path}: {len(missing)} of {len(self.names)} images have no label in "
+                f"dataset.json, e.g. {', '.join(missing[:3])}")
         values = [labels[name] for name in self.names]
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0]
         if bad:
@@ -231,11 +224,9 @@ CAPTIONED_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def read_prompts(path: str) -> list[str]:
-    if not path or not os.path.isfile(path):
-        raise ValueError(f"--prompts {path!r}: no such file (one prompt per line)")
+    require(path and os.path.isfile(path), f"--prompts {path!r}: no such file (one prompt per line)")
     prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path}: the file has no prompts")
+    require(prompts, f"--prompts {path}: the file has no prompts")
     return prompts
 
 
@@ -244,13 +235,11 @@ class CaptionedImages:
     .tar shards img2dataset writes (key.jpg + key.txt members), indexed once with tarfile."""
 
     def __init__(self, path: str, resolution: int, rank: int = 0, world: int = 1):
-        if not os.path.exists(path):
-            raise ValueError(f"--real-images {path}: no such file or folder")
+        require(os.path.exists(path), f"--real-images {path}: no such file or folder")
         p = Path(path)
         tars = [p] if p.suffix == ".tar" else sorted(p.glob("*.tar"))
         self.items = self._index_tars(tars) if tars else self._index_folder(p)
-        if not self.items:
-            raise ValueError(f"--real-images {path}: no images with captions found")
+        require(self.items, f"--real-images {path}: no images with captions found")
         self.items = self.items[rank::world]  # each process uses its own share
         self.resolution, self._tars = resolution, {}
         self._check()

@@ -30,7 +30,7 @@ from torch import nn
 
 import dmd2
 from support.edm_pickle import EDMPickleError, load_edm_network
-from support.runs import autocast, load_file, stream_seed
+from support.runs import autocast, load_file, require, stream_seed
 
 EDM_IMAGENET64_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl"
 EDM_IMAGENET64_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz"
@@ -71,9 +71,7 @@ class ADMBlock(nn.Module):
             self.norm2, self.qkv, self.proj = _norm(cout), nn.Conv2d(cout, 3 * cout, 1), _zero(nn.Conv2d(cout, cout, 1))
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
-        if self.up:
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        return F.avg_pool2d(x, 2) if self.down else x
+        return F.interpolate(x, scale_factor=2, mode="nearest") if self.up else F.avg_pool2d(x, 2) if self.down else x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(self._resample(F.silu(self.norm0(x))))
@@ -188,7 +186,7 @@ def small_unet(resolution: int, channels: int, label_dim: int, in_channels: int 
     return FlowPrecond(model) if flow else Precond(model)
 
 
-class _Stop(Exception):
+class _Stop(Exception):  # carries the encoder's output out of the hook
     pass
 
 
@@ -199,37 +197,39 @@ class EDMDenoiser(nn.Module):
     `features` is the bottleneck for the GAN head: the output of the last encoder block, taken with a
     forward hook that stops the network there, so the decoder half never runs."""
 
-    def __init__(self, net: nn.Module, schedule: dmd2.Schedule, label_dim: int):
+    def __init__(self, net: nn.Module, schedule: dmd2.Schedule, label_dim: int, steps: int = 0):
         super().__init__()
-        self.net, self.schedule, self.label_dim = net, schedule, label_dim
+        self.net, self.schedule, self.label_dim, self.steps = net, schedule, label_dim, steps
         self.encoder_end = edm_encoder_output_module(net)
         device = next(net.parameters(), torch.empty(0)).device  # the buffer starts where the network is
-        self.register_buffer("onehot", torch.eye(label_dim, device=device), persistent=False)  # built once
+        n = label_dim + steps  # the one-hot rows, and a last row of zeros: no class, or no step
+        self.register_buffer("onehot", torch.eye(n + 1, n, device=device), persistent=False)  # built once
 
     def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """Class indices [B] -> one-hot [B, label_dim]; None for an unconditional network (label_dim 0)."""
-        return self.onehot[labels.long()] if self.label_dim else None
+        """Class indices [B] -> one-hot [B, label_dim] (None: unconditional); with `steps` (dmd2.py, section 7) (class,
+        step) pairs [B, 2] -> the class's one-hot and then the step's; a class alone (the GAN's images): no step."""
+        if labels.ndim == 1 and not self.steps:
+            return self.onehot[labels.long()] if self.label_dim else None
+        none = torch.full_like(labels[..., 0] if labels.ndim == 2 else labels, len(self.onehot) - 1)
+        cls, step = (labels[:, 0], labels[:, 1] + self.label_dim) if labels.ndim == 2 else (labels, none)
+        return self.onehot[(cls if self.label_dim else none).long()] + self.onehot[step.long()]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.net(x_t, self.schedule.sigma(t), self._labels(labels))
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        out = []
-
         def grab(module, inputs, output):
-            out.append(output)
-            raise _Stop
+            raise _Stop(output)
 
         handle = self.encoder_end.register_forward_hook(grab)
         # a compiled network (compile_networks) would not see a hook added after compiling: run it eagerly
         net = self.net if self.net._compiled_call_impl is None else self.net._call_impl
         try:
             net(x_t, self.schedule.sigma(t), self._labels(labels))
-        except _Stop:
-            pass
+        except _Stop as stop:
+            return stop.args[0]
         finally:
             handle.remove()
-        return out[0]
 
 
 class Critic(nn.Module):
@@ -280,12 +280,10 @@ def edm_encoder_output_module(net: nn.Module) -> nn.Module:
     layout = type(unet).__name__
     enc, dec = getattr(unet, "enc", None), getattr(unet, "dec", None)
     if not isinstance(enc, nn.ModuleDict) or not isinstance(dec, nn.ModuleDict) or len(enc) == 0:
-        raise ValueError(f"expected EDM's UNet layout (DhariwalUNet, SongUNet or ADMUNet, or a preconditioner "
-                         f"holding one as .model) with `enc`/`dec` ModuleDicts; got {type(net).__name__} around "
-                         f"{layout}")
+        raise ValueError(f"expected EDM's UNet layout (DhariwalUNet, SongUNet or ADMUNet, or a preconditioner holding "
+                         f"one as .model) with `enc`/`dec` ModuleDicts; got {type(net).__name__} around {layout}")
     name, module = list(enc.items())[-1]
-    if "aux" in name:
-        raise ValueError(f"the last encoder entry of this {layout} is {name!r}, not a block")
+    require("aux" not in name, f"the last encoder entry of this {layout} is {name!r}, not a block")
     return module
 
 
@@ -329,15 +327,13 @@ def edm_sampler(net: nn.Module, z: torch.Tensor, labels: torch.Tensor, label_dim
 
 def check_teacher(net: Precond, resolution: int, channels: int, label_dim: int, data_classes: int) -> None:
     """The teacher fits the run: its resolution and channels are the data's, its classes cover the labels."""
-    if net.label_dim != label_dim:
-        raise ValueError(f"the teacher has {net.label_dim} classes, --label-dim is {label_dim}")
+    require(net.label_dim == label_dim, f"the teacher has {net.label_dim} classes, --label-dim is {label_dim}")
     if getattr(net, "img_resolution", None) not in (None, resolution):
         raise ValueError(f"the teacher is a {net.img_resolution} px network, --resolution is {resolution}")
     if getattr(net, "img_channels", None) not in (None, channels):
         raise ValueError(f"the teacher takes {net.img_channels}-channel images, the data has {channels}")
-    if label_dim and data_classes == 0:
-        raise ValueError(f"the teacher is class-conditional ({label_dim} classes), the data has no labels "
-                         f"(no dataset.json labels)")
+    require(not label_dim or data_classes, f"the teacher is class-conditional ({label_dim} classes), the data has "
+            f"no labels (no dataset.json labels)")
     if label_dim and data_classes > label_dim:
         raise ValueError(f"the data has labels up to {data_classes - 1}, the teacher {label_dim} classes")
 
@@ -347,12 +343,19 @@ def check_teacher(net: Precond, resolution: int, channels: int, label_dim: int, 
 
 
 def build_students(teacher_net: nn.Module, schedule: dmd2.Schedule, label_dim: int, channels: int,
-                   resolution: int, gan: bool, seed: int, device: torch.device) -> tuple[EDMDenoiser, Critic]:
+                   resolution: int, gan: bool, seed: int, device: torch.device,
+                   fake_steps: int = 0) -> tuple[EDMDenoiser, Critic]:
     """(G, critic): trainable copies of the teacher; the critic holds mu_fake and, if `gan`, the GAN head sized
     from one encoder pass (initialised from `seed`, so identically on every rank). Both in eval mode: no
-    dropout, as the authors rebuild EDM's network with dropout 0."""
+    dropout, as the authors rebuild EDM's network with dropout 0. fake_steps > 0: mu_fake also takes the step of a
+    `fake_steps`-step G (dmd2.py, section 7) as `fake_steps` more label columns of the ADM UNet, zero at first."""
     G = EDMDenoiser(copy.deepcopy(teacher_net).requires_grad_(True), schedule, label_dim).to(device)
-    fake = EDMDenoiser(copy.deepcopy(teacher_net).requires_grad_(True), schedule, label_dim).to(device)
+    fake = EDMDenoiser(copy.deepcopy(teacher_net).requires_grad_(True), schedule, label_dim, fake_steps).to(device)
+    if fake_steps:
+        model, emb = fake.net.model, fake.net.model.map_layer1.out_features
+        old, model.map_label = model.map_label, nn.Linear(label_dim + fake_steps, emb, bias=False, device=device)
+        with torch.no_grad():
+            model.map_label.weight.zero_()[:, :label_dim] = old.weight if old is not None else 0
     head = None
     if gan:
         with torch.no_grad():  # the bottleneck's shape, from one encoder pass
@@ -454,10 +457,9 @@ def load_weights(module: nn.Module, state: dict, source: str, strict: bool = Tru
 # and the fake score, which are copies (copy.deepcopy) of the teacher; a bound method set on an instance would
 # not survive such a copy, which goes through the class's persistent __reduce__.
 
-# the attributes of EDM's UNetBlock that its forward (and ours below) reads
-_UNET_BLOCK_LAYOUT = ("norm0", "conv0", "affine", "norm1", "conv1", "skip", "skip_scale", "adaptive_scale",
-                      "dropout", "num_heads")
-_UNET_BLOCK_ATTENTION = ("norm2", "qkv", "proj")
+# the attributes of an attention block of EDM's UNetBlock that its forward (and ours below) reads
+_UNET_BLOCK_LAYOUT = ("norm0", "conv0", "affine", "norm1", "conv1", "skip", "skip_scale", "adaptive_scale", "dropout",
+                      "num_heads", "norm2", "qkv", "proj")
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -499,23 +501,16 @@ def _sdpa_unet_block_forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.
     return x
 
 
-def _is_edm_attention_block(m: nn.Module) -> bool:
-    return (type(m).__name__ == "UNetBlock" and all(hasattr(m, a) for a in _UNET_BLOCK_LAYOUT)
-            and bool(m.num_heads) and all(hasattr(m, a) for a in _UNET_BLOCK_ATTENTION))
-
-
 def fuse_attention(net: nn.Module, fused: bool = True) -> int:
-    """Attention with F.scaled_dot_product_attention (fused) or EDM's einsum / float32 softmax (fused=False) in
-    every attention block of `net`: EDM's UNetBlock (DhariwalUNet, SongUNet) and our ADMBlock. Returns the number
-    of attention blocks set. Equal to EDM's computation up to rounding, forward and backward.
-
-    EDM's UNetBlock: the rebuilt class's `forward` (see above; EDM's own kept as `_plain_forward`), blocks of
-    another layout left alone; ADMBlock: the instance's `sdpa` flag."""
+    """Attention with F.scaled_dot_product_attention (fused) or EDM's einsum / float32 softmax (fused=False), equal
+    up to rounding forward and backward, in every attention block of `net`: EDM's UNetBlock (DhariwalUNet, SongUNet)
+    by its rebuilt class's `forward` (see above; EDM's own kept as `_plain_forward`; other layouts left alone), our
+    ADMBlock by its `sdpa` flag. Returns the number of attention blocks set."""
     n = 0
     for m in net.modules():
         if isinstance(m, ADMBlock) and m.heads:
             m.sdpa = fused
-        elif _is_edm_attention_block(m):
+        elif type(m).__name__ == "UNetBlock" and all(hasattr(m, a) for a in _UNET_BLOCK_LAYOUT) and m.num_heads:
             cls = type(m)
             if "_plain_forward" not in cls.__dict__:
                 cls._plain_forward = cls.forward

@@ -115,11 +115,9 @@ def _missing(module: str) -> Callable[[str], object]:
 
 
 def _standin_torch_utils() -> dict[str, types.ModuleType]:
-    package = types.ModuleType("torch_utils")
-    persistence = types.ModuleType("torch_utils.persistence")
-    persistence.persistent_class = _persistent_class
-    misc = types.ModuleType("torch_utils.misc")  # imported by EDM's augment.py; nothing in it is used to load
-    misc.__getattr__ = _missing("torch_utils.misc")
+    # torch_utils.misc: imported by EDM's augment.py; nothing in it is used to load
+    package, persistence, misc = map(types.ModuleType, ("torch_utils", "torch_utils.persistence", "torch_utils.misc"))
+    persistence.persistent_class, misc.__getattr__ = _persistent_class, _missing("torch_utils.misc")
     package.persistence, package.misc, package.__getattr__ = persistence, misc, _missing("torch_utils")
     return {"torch_utils": package, "torch_utils.persistence": persistence, "torch_utils.misc": misc}
 
@@ -202,23 +200,17 @@ def _have_real_persistence() -> bool:
 
 
 def load_edm_network(source: str, key: str = "ema", cache_dir: str | None = None) -> nn.Module:
-    """The network stored under `key` in an EDM network pickle, without the EDM repository installed.
+    """The network under `key` in an EDM network pickle (a local path, or an http(s) URL downloaded once into
+    `cache_dir`, see `local_file`; e.g. `EDM_IMAGENET64_URL`, DMD2's ImageNet-64 teacher), without the EDM repository:
+    EDM's own `torch_utils`, if importable, rebuilds the classes, else ours, from the same embedded source. Either way
+    unpickling executes the code stored in the file (as EDM's loader does): load only files you trust.
 
-    source: a local path or an http(s) URL (downloaded once into `cache_dir`, see `local_file`), e.g.
-    `EDM_IMAGENET64_URL`, the teacher of DMD2's ImageNet-64 experiment. If EDM's own `torch_utils` is
-    importable, its persistence machinery rebuilds the classes; otherwise ours does, from the same embedded
-    source. Either way the result is EDM's code: unpickling executes the source stored in the file (as EDM's
-    own loader does), so load only files you trust.
-
-    EDM's ImageNet network is `EDMPrecond` around a `DhariwalUNet` (ADM): `net(x, sigma, class_labels)` with x
-    [B, 3, 64, 64] in [-1, 1], sigma [B] and one-hot labels [B, 1000] returns the denoised x0 (float32). As
-    EDM saved it, it is in eval mode with requires_grad off. Its constructor arguments are in
-    `net._init_kwargs`. Two things to know when training copies of it:
-      - `use_fp16=True` in that pickle: on CUDA, EDMPrecond casts the UNet's input to float16 and asserts the
-        output is float16, unless called with `force_fp32=True`; under torch.autocast with `use_fp16=False`
-        the assertion fails (the output is bfloat16). The DMD2 authors edited that cast to bfloat16.
-      - `.train()` turns on the UNet's dropout (0.10 for ImageNet).
-    The bottleneck for the GAN head (8x8x768 for ImageNet) is the output of `edm_encoder_output_module(net)`."""
+    EDM's ImageNet network: `EDMPrecond` around a `DhariwalUNet` (ADM), `net(x [B, 3, 64, 64] in [-1, 1], sigma [B],
+    one-hot labels [B, 1000])` -> x0 (float32), saved in eval mode with requires_grad off, constructor arguments in
+    `net._init_kwargs`. Its `use_fp16=True` casts the UNet's input to float16 on CUDA and asserts a float16 output
+    (unless called with `force_fp32=True`), which fails under torch.autocast (bfloat16; the DMD2 authors edited that
+    cast to bfloat16); `.train()` turns on its dropout (0.10). The GAN head's bottleneck (8x8x768) is the output of
+    `edm_encoder_output_module(net)`."""
     path = local_file(source, cache_dir)
     with open(path, "rb") as f:
         if f.read(4) == b"PK\x03\x04":

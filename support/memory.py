@@ -42,8 +42,7 @@ ARCHS = {
                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                           up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
                           projection_class_embeddings_input_dim=2816, sample_size=128,
-                          transformer_layers_per_block=[1, 2, 10], use_linear_projection=True),
-                 text=[CLIP_L, CLIP_G]),
+                          transformer_layers_per_block=[1, 2, 10], use_linear_projection=True), text=[CLIP_L, CLIP_G]),
     "sd35m": dict(net=dict(SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                            pos_embed_max_size=384, dual_attention_layers=list(range(13))),
                   text=[dict(CLIP_L, projection_dim=768), CLIP_G, T5_XXL]),
@@ -77,11 +76,7 @@ class Tracker(MemTracker):
 
     def _pre_fw_hook(self, *args) -> None: ...
 
-    def _post_fw_hook(self, *args) -> None: ...
-
-    def _pre_bw_hook(self, *args) -> None: ...
-
-    def _post_bw_hook(self, *args) -> None: ...
+    _post_fw_hook = _pre_bw_hook = _post_bw_hook = _pre_fw_hook
 
 
 def fake_parameters(modules: list[nn.Module], mode: FakeTensorMode) -> dict[int, nn.Parameter]:

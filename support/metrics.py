@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from support.edm_pickle import local_file
-from support.runs import stream_seed
+from support.runs import require, stream_seed
 
 # ----------------------------------------------------------------------------------------------------
 # FID comparable with EDM's: DMD2 reports ImageNet-64 FID of 50,000 samples "using EDM's evaluation code"
@@ -43,12 +43,6 @@ def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-def _check_uint8_batch(images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        what = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"expected uint8 images [B, C, H, W] in 0..255 (see images_to_uint8), got {what}")
-
-
 class MeanCov:
     """Running mean and covariance of feature vectors, in float64, merged batch by batch (Chan et al. 1979):
     exact for any number of batches, and free of the cancellation of sum(x x^T) - n mu mu^T. Starts from
@@ -62,8 +56,7 @@ class MeanCov:
 
     def update(self, features: torch.Tensor) -> None:
         """Add a batch of features [B, D]."""
-        if features.ndim != 2:
-            raise ValueError(f"features must be [B, D], got {list(features.shape)}")
+        require(features.ndim == 2, f"features must be [B, D], got {list(features.shape)}")
         if len(features) == 0:
             return
         f = features.detach().to(torch.float64)
@@ -76,8 +69,7 @@ class MeanCov:
     def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Add the statistics (count, mean, m2) of another set, e.g. another rank's `MeanCov`."""
         if self.mean is None:
-            self.mean = torch.zeros_like(mean, dtype=torch.float64)
-            self.m2 = torch.zeros_like(m2, dtype=torch.float64)
+            self.mean, self.m2 = torch.zeros_like(mean, dtype=torch.float64), torch.zeros_like(m2, dtype=torch.float64)
         if n == 0:
             return
         if mean.shape != self.mean.shape:
@@ -90,14 +82,12 @@ class MeanCov:
 
     def features(self) -> np.ndarray:
         """The features added so far [N, D] (float32), if kept."""
-        if self.kept is None:
-            raise ValueError("features were not kept (MeanCov(keep=True))")
+        require(self.kept is not None, "features were not kept (MeanCov(keep=True))")
         return torch.cat(self.kept).numpy()
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu [D], sigma [D, D]) as float64 numpy arrays; sigma is the unbiased covariance, as EDM's."""
-        if self.n < 2:
-            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.n}")
+        require(self.n >= 2, f"need at least 2 feature vectors for a covariance, got {self.n}")
         return self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy()
 
 
@@ -128,9 +118,10 @@ def _edm_detector_input(model: Callable[[torch.Tensor], torch.Tensor],
 
     @torch.no_grad()
     def extract(images: torch.Tensor) -> torch.Tensor:
-        _check_uint8_batch(images)
-        if images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+            what = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected uint8 images [B, C, H, W] in 0..255 (see images_to_uint8), got {what}")
+        require(images.shape[1] in (1, 3), f"images must have 1 or 3 channels, got {images.shape[1]}")
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)  # EDM's fid.py does the same
         with torch.autocast(device.type, enabled=False):  # fp32 features whatever the caller's autocast
@@ -151,9 +142,8 @@ def load_reference_statistics(path_or_url: str, cache_dir: str | None = None) ->
         raise ValueError(f"{path} is a single array, not an .npz file of FID statistics with 'mu' and 'sigma'")
     with npz:
         missing = {"mu", "sigma"} - set(npz.files)
-        if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}; found {npz.files}. Expected EDM's reference "
-                             f"statistics, np.savez(path, mu=mu, sigma=sigma)")
+        require(not missing, f"{path} lacks {sorted(missing)}; found {npz.files}. Expected EDM's reference "
+                f"statistics, np.savez(path, mu=mu, sigma=sigma)")
         mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} must be [D] and [D, D]")
@@ -165,9 +155,8 @@ def reference_for(path_or_url: str, extractor: Callable[[torch.Tensor], torch.Te
     """Reference statistics that match `extractor`'s feature dimension (checked on two blank images)."""
     mu, sigma = load_reference_statistics(path_or_url)
     dim = extractor(torch.zeros(2, channels, resolution, resolution, dtype=torch.uint8, device=device)).shape[1]
-    if dim != len(mu):
-        raise ValueError(f"--ref {path_or_url}: statistics of {len(mu)}-d features, but the detector gives {dim}-d "
-                         f"ones (EDM's Inception: 2048)")
+    require(dim == len(mu), f"--ref {path_or_url}: statistics of {len(mu)}-d features, but the detector gives {dim}-d "
+            f"ones (EDM's Inception: 2048)")
     return mu, sigma
 
 
@@ -197,8 +186,7 @@ def pickle_setup(teacher: str, data: str, ref: str | None, resolution: int, labe
 def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, by clean-fid's
     `frechet_distance` (EDM's fid.py computes the same; clean-fid also guards against a singular product)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     d = len(mu1) if mu1.ndim == 1 else -1
     if d < 0 or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
@@ -241,14 +229,15 @@ def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size:
 
 @torch.no_grad()
 def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label_dim: int, extractor, seed: int,
-                    device, rank: int = 0, world: int = 1, keep: bool = False) -> tuple[MeanCov | dict, float]:
+                    device, rank: int = 0, world: int = 1, keep: bool = False) -> tuple[MeanCov | dict, float, list]:
     """Feature statistics of n generated samples (split over ranks) and, when the extractor also returns
-    logits, their accuracy against the labels asked for. sample_fn(z, labels) -> images in [-1, 1], which are
+    logits, their accuracy against the labels asked for and the frequencies of the classes the logits give (else
+    0 and []). sample_fn(z, labels) -> images in [-1, 1], which are
     quantised as saved PNGs would be (`images_to_uint8`) before feature extraction. extractor(images) ->
     (features, logits or None); features a [B, D] tensor, or a dict of them (one per feature space), and the
     statistics are then a dict of `MeanCov` too. `keep`: also keep the features (on every rank; for KID).
     label_dim 0: unconditional (labels are all 0, accuracy 0)."""
-    stats, correct, gen = None, torch.zeros((), device=device), torch.Generator(device)
+    stats, correct, counts, gen = None, torch.zeros((), device=device), 0, torch.Generator(device)
     per_rank = math.ceil(n / world)
     count = min(per_rank, n - rank * per_rank)
     gen.manual_seed(stream_seed(seed, "eval", rank))
@@ -263,6 +252,7 @@ def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label
             stats[k].update(f)
         if logits is not None:
             correct += (logits.argmax(1) == labels).sum()
+            counts = counts + torch.bincount(logits.argmax(1), minlength=logits.shape[1])
     if dist.is_initialized():  # merge every rank's (n, mean, m2) (and features)
         for k in stats:
             parts = [None] * world
@@ -272,7 +262,10 @@ def generated_stats(sample_fn, shape: tuple[int, ...], n: int, batch: int, label
                 stats[k].merge(n_, mean, m2)
                 stats[k].kept = stats[k].kept + kept if keep else None
         dist.all_reduce(correct)
-    return (stats[""] if "" in stats else stats), correct.item() / n
+        if isinstance(counts, torch.Tensor):
+            dist.all_reduce(counts)
+    classes = (counts / n).tolist() if isinstance(counts, torch.Tensor) else []
+    return (stats[""] if "" in stats else stats), correct.item() / n, classes
 
 
 # ----------------------------------------------------------------------------------------------------

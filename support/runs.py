@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import fcntl
 import glob
+import hashlib
 import inspect
 import json
 import math
@@ -231,6 +232,22 @@ def stream_seed(seed: int, role: str, *index: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
+def weights_digest(*states: dict) -> str:
+    """sha256 (16 hex digits) of state dicts' names and values: the same weights, the same digest."""
+    h = hashlib.sha256()
+    for state in states:
+        for k in sorted(state):
+            h.update(k.encode() + state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def code_digest(script: str) -> str:
+    """sha256 (16 hex digits) of the code a run executes: dmd2.py, support/*.py and the script."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "dmd2.py", *sorted((root / "support").glob("*.py")), Path(script).resolve()]
+    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def rng_state(gens: dict[str, torch.Generator]) -> dict:
     """The named generators' states, torch's global CPU state and, on a GPU machine, every CUDA device's."""
     s = {k: g.get_state() for k, g in gens.items()} | {"torch": torch.get_rng_state()}
@@ -246,6 +263,17 @@ def set_rng_state(gens: dict[str, torch.Generator], s: dict) -> None:
     if "cuda" in s and torch.cuda.is_available():
         cuda = s["cuda"]
         torch.cuda.set_rng_state_all(cuda) if isinstance(cuda, list | tuple) else torch.cuda.set_rng_state(cuda)
+
+
+def load_state(obj: object, state: dict) -> None:
+    """obj.load_state_dict(state); an optimizer's one saved parameter group (the critic's before --head-lr) split
+    into its current groups, each with the saved hyper-parameters."""
+    groups, saved = getattr(obj, "param_groups", None), state.get("param_groups")
+    if groups is not None and len(saved) == 1 < len(groups):
+        ends = np.cumsum([0] + [len(g["params"]) for g in groups])
+        state = state | {"param_groups": [saved[0] | {"params": saved[0]["params"][a:b]}
+                                          for a, b in zip(ends[:-1], ends[1:], strict=True)]}
+    obj.load_state_dict(state)
 
 
 def check_finite(named: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
@@ -376,7 +404,7 @@ class Log:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        tqdm.write(" | ".join(f"{k} {_fmt(v)}" for k, v in row.items()))
 
 
 class Averages:
@@ -464,6 +492,33 @@ def plot(path: str | Path, series: dict[str, tuple[list, list]], xlabel: str, yl
     plt.close(fig)
 
 
+def plot_history(folder: str | Path, history: list[dict]) -> None:
+    """brightness.png (G's mean output brightness, Fig. 8) and steps_fd.png (each step's periodic FD) from log rows."""
+    rows = [r for r in history if "brightness" in r]
+    if rows:
+        plot(Path(folder) / "brightness.png", {"G": ([r["it"] for r in rows], [r["brightness"] for r in rows])},
+             "iteration", "mean sample brightness", "generator output brightness (Fig. 8)")
+    rows = [r for r in history if "eval_step_fd" in r]
+    if rows:
+        plot(Path(folder) / "steps_fd.png", {f"step {k + 1}": ([r["it"] for r in rows], [r["eval_step_fd"][k] for r in
+             rows]) for k in range(len(rows[0]["eval_step_fd"]))}, "iteration", "Frechet distance", yscale="log")
+
+
+def finished(folder: str | Path, identity: dict, reuse: bool) -> dict | None:
+    """The folder's metrics.json if `reuse` and it holds `identity` (a finished run of the same inputs); otherwise
+    none, and the file goes: no result of another run stays beside a run that (re)starts."""
+    path = Path(folder) / "metrics.json"
+    saved = json.loads(path.read_text()) if path.exists() else None
+    if saved and reuse and saved.get("identity") == identity:
+        return saved
+    if saved and is_main():
+        path.unlink()
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else f"[{', '.join(map(_fmt, v))}]" if isinstance(v, list) else str(v)
+
+
 def print_results(results: dict, step: int | None = None) -> None:
     """Evaluation results as lines under the tqdm bar (rank 0)."""
     if not is_main():
@@ -474,6 +529,5 @@ def print_results(results: dict, step: int | None = None) -> None:
             for nfe, r in v.items():
                 tqdm.write(f"{head}teacher {nfe:>2} NFE ({r['sampler']}, {r['nfe']}): " +
                            ", ".join(f"{a} {b:.4g}" for a, b in r.items() if isinstance(b, float)))
-        elif isinstance(v, dict):
-            tqdm.write(f"{head}{k}: " + ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}"
-                                                  for a, b in v.items()))
+        elif isinstance(v, dict) and k != "identity":
+            tqdm.write(f"{head}{k}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in v.items()))

@@ -40,7 +40,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 import dmd2
 from support.data import CaptionedImages
-from support.runs import load_file, save_atomic, stream_seed
+from support.runs import load_file, require, save_atomic, stream_seed
 
 # LoRA on every attention, feed-forward, convolution and time projection of the UNet (the authors' target list); on
 # SD3's transformer, every attention and feed-forward projection of both streams (diffusers' SD3 LoRA targets + FFs)
@@ -48,8 +48,7 @@ LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_ou
                          "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                          "time_emb_proj"],
                 "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                                "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                                "ff_context.net.2"]}
+                                "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]}
 T5_TOKENS = 256  # SD3's max_sequence_length (its pipeline's default)
 TEXT_ENCODERS = {"sd15": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
                  "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel]}
@@ -80,8 +79,7 @@ class Base:
 @functools.lru_cache
 def model_index(model: str) -> dict:
     """The pipeline's model_index.json, or a clear error (read once per model)."""
-    if not model:
-        raise ValueError("--model is required: a diffusers model id or folder")
+    require(model, "--model is required: a diffusers model id or folder")
     if os.path.exists(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise ValueError(f"--model {model}: no model_index.json there; expected a diffusers pipeline folder")
     try:
@@ -110,8 +108,7 @@ def load_base(model: str, device: torch.device, dtype: torch.dtype = torch.float
               t5: bool = True) -> Base:
     """The pipeline's parts; frozen ones in `dtype` without gradients. t5=False leaves SD3's T5 out (zeros in its
     place, as diffusers' pipeline without text_encoder_3)."""
-    index = model_index(model)
-    fam = family(model)
+    index, fam = model_index(model), family(model)
     if fam == "sd3":
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
         if scheduler.config.use_dynamic_shifting:
@@ -246,9 +243,8 @@ def _call(net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> 
     return net(x_t, time, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added or None).sample
 
 
-class _Bottleneck(Exception):
-    def __init__(self, h: torch.Tensor):
-        self.h = h
+class _Bottleneck(Exception):  # args[0]: the features
+    pass
 
 
 def bottleneck_features(net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -265,7 +261,7 @@ def bottleneck_features(net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, c
     try:
         _call(net, x_t, time, cond)
     except _Bottleneck as e:
-        h = e.h
+        h = e.args[0]
     else:
         raise RuntimeError("the network returned without reaching its bottleneck")
     finally:
@@ -284,8 +280,7 @@ def net_factor(config: dict) -> int:
 
 def downsampling(model: str) -> int:
     """Image pixels per bottleneck cell: the VAE's factor times the network's."""
-    vae = AutoencoderKL.load_config(model, subfolder="vae")
-    fam = family(model)
+    fam, vae = family(model), AutoencoderKL.load_config(model, subfolder="vae")
     net = network_class(fam).load_config(model, subfolder=subfolder(fam))
     return 2 ** (len(vae["block_out_channels"]) - 1) * net_factor(net)
 
@@ -313,8 +308,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, net: nn.Module, schedule: dmd2.Schedule, adapter: str | None = None):
         super().__init__()
-        self.net, self.schedule, self.adapter = net, schedule, adapter
-        self.layers = lora_layers(net)
+        self.net, self.schedule, self.adapter, self.layers = net, schedule, adapter, lora_layers(net)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, bottleneck: bool = False,
                 fp32: bool = False) -> torch.Tensor:
@@ -327,9 +321,7 @@ class Denoiser(nn.Module):
             if bottleneck:
                 return bottleneck_features(self.net, x_t.to(dtype), time, cond).float()
             out = _call(self.net, x_t.to(dtype), time, cond)
-        if flow:
-            return self.schedule.velocity_to_x0(x_t, out, t)
-        return self.schedule.eps_to_x0(x_t, out, t)  # in float64 (dmd2)
+        return (self.schedule.velocity_to_x0 if flow else self.schedule.eps_to_x0)(x_t, out, t)  # in float64 (dmd2)
 
 
 class Net:
@@ -377,11 +369,8 @@ def wrap(module: nn.Module, trainable: list[nn.Parameter], fsdp: bool, device: t
         net = getattr(module, "net", None)
         blocks = [] if net is None else list(net.transformer_blocks) if is_transformer(net) else [
             *net.down_blocks, net.mid_block, *net.up_blocks]
-        for m in [m for b in blocks for m in b.modules() if isinstance(m, Transformer2DModel)]:
-            fully_shard(m)
-        for b in blocks:
-            fully_shard(b)
-        fully_shard(module)
+        for m in [m for b in blocks for m in b.modules() if isinstance(m, Transformer2DModel)] + blocks + [module]:
+            fully_shard(m)  # inner units first, the root last
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -558,10 +547,8 @@ def optimizer_states(nets: Nets, opts: dict, fsdp: bool, load: dict | None = Non
 
 
 def find_checkpoint(path: str) -> Path:
-    p = Path(path)
-    p = p / "checkpoint.pt" if p.is_dir() else p
-    if not p.is_file():
-        raise ValueError(f"{path}: no checkpoint (expected a run folder with checkpoint.pt, or a .pt file)")
+    p = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+    require(p.is_file(), f"{path}: no checkpoint (expected a run folder with checkpoint.pt, or a .pt file)")
     return p
 
 
@@ -609,11 +596,10 @@ def export(run: str, out: str | None = None) -> Path:
     unet = load_student(ckpt, torch.device("cpu"), fuse=False)
     fam = family(c["model"])
     if c["mode"] != "full":
-        lora = get_peft_model_state_dict(unet, adapter_name="generator")
         # the alpha / r scale is folded into lora_B, so any diffusers version loads it at scale 1
-        lora = {k: v * (c["lora_alpha"] / c["lora_rank"]) if "lora_B" in k else v for k, v in lora.items()}
-        PIPELINES[fam].save_lora_weights(str(out), **{f"{subfolder(fam)}_lora_layers": {k: v.contiguous()
-                                                                                       for k, v in lora.items()}})
+        lora = {k: (v * (c["lora_alpha"] / c["lora_rank"]) if "lora_B" in k else v).contiguous()
+                for k, v in get_peft_model_state_dict(unet, adapter_name="generator").items()}
+        PIPELINES[fam].save_lora_weights(str(out), **{f"{subfolder(fam)}_lora_layers": lora})
         unet.fuse_lora(adapter_names=["generator"])
         unet.unload_lora()
     unet.save_pretrained(str(out / subfolder(fam)))
@@ -621,7 +607,8 @@ def export(run: str, out: str | None = None) -> Path:
     save_atomic({k: v.half() for k, v in unet.state_dict().items()}, out / name)
     meta = {"kind": "text-to-image", "model": c["model"], "resolution": c["resolution"], "preset": c["preset"],
             "timesteps": student_timesteps(c["steps"], c["conditioning_timestep"]), "mode": c["mode"],
-            "step": ckpt["step"], "t5": c.get("t5", True)}
+            "step": ckpt["step"], "t5": c.get("t5", True),  # `files`: what it describes (sample.py reads no other)
+            "files": [subfolder(fam), name] + (["pytorch_lora_weights.safetensors"] if c["mode"] != "full" else [])}
     if fam == "sd3":  # `timesteps` index our table; a diffusers user passes pipe(sigmas=...), unshifted (the scheduler
         # shifts them), or calls the transformer at 1000 x the shifted sigma
         table = dmd2.FlowSchedule(diffusers.FlowMatchEulerDiscreteScheduler.load_config(

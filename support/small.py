@@ -24,10 +24,10 @@ from torch import nn
 from tqdm import tqdm
 
 import dmd2
-from support import metrics
+from support import metrics, runs
 from support.data import ImageDataset
 from support.edm import EDMDenoiser, make_schedule, read_checkpoint, small_unet, teacher_sampler
-from support.runs import barrier, ema_update, is_main, load_file, plot, save_atomic, stream_seed
+from support.runs import barrier, ema_update, is_main, load_file, plot, save_atomic, stream_seed, weights_digest
 
 TRAIN_SIZE = 4000  # MNIST digits in the training split (the other 1,000 are held out for evaluation)
 SPLIT = "stream_seed(0, 'split')"  # the held-out split's permutation: part of every cache key (teacher, classifier)
@@ -191,13 +191,20 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
             raise FileNotFoundError(f"{e}; or evaluate in the small classifier's features only (labelled images): "
                                     f"--no-inception") from None
     teacher_key = dict(recipe, split=SPLIT, **({"data": os.path.abspath(data)} if data else {}))
+    # a teacher with a known error: the share `mislabel` of each lower-half class's training images labelled as the
+    # class classes / 2 above (0 as 5, ...); the data, the GAN's real images and the evaluation keep the true labels
+    y_teacher, mislabel = y_tr.clone(), recipe.pop("mislabel", 0.0)
+    runs.require(not mislabel or classes > 1, "--teacher-mislabel relabels half of the classes: it needs labels")
+    for c in range(classes // 2):
+        idx = (y_tr == c).nonzero().flatten()
+        y_teacher[idx[:round(mislabel * len(idx))]] = c + classes // 2
     path = os.path.join(out, "teacher.pt")
     net = small_unet(res, recipe["channels"], classes, x_tr.shape[1], recipe["schedule"] == "flow")
     cached, timings["teacher_s"] = _cached(path, "cached teacher (teacher.pt)", teacher_key), 0.0
     if cached is None:
         if is_main():
             t = time.time()
-            trained = train_teacher(x_tr, y_tr, classes, device=device, **recipe).cpu()
+            trained = train_teacher(x_tr, y_teacher, classes, device=device, **recipe).cpu()
             save_atomic(dict(key=teacher_key, net=trained.state_dict()), path)
             timings["teacher_s"] = round(time.time() - t, 1)
         barrier()
@@ -230,12 +237,14 @@ def small_setup(out: str, recipe: dict, data: str | None, classifier_iters: int,
         return feats, logits
 
     return dict(teacher=net.eval().to(device), teacher_key=teacher_key, classifier_accuracy=clf_acc, real=(x_tr, y_tr),
-                test=(x_te, y_te), channels=x_tr.shape[1], label_dim=classes, extractor=extractor)
+                test=(x_te, y_te), channels=x_tr.shape[1], label_dim=classes, extractor=extractor,
+                classifier_digest=weights_digest(clf.state_dict()) if classes else None)
 
 
-def scores(stats: dict, ref: dict, accuracy: float | None) -> dict:
+def scores(stats: dict, ref: dict, accuracy: float | None, classes: list | None = None) -> dict:
     """Frechet distance and KID (+- its standard deviation over subsets) in every feature space, from generated
-    statistics (MeanCov with kept features) against the reference's; the first space at the top level."""
+    statistics (MeanCov with kept features) against the reference's; the first space at the top level. `classes`:
+    the frequencies of the classes the classifier sees, and their total variation distance to uniform."""
     out: dict = {}
     for i, (name, s) in enumerate(stats.items()):
         m = dict(fd=metrics.fid_from_statistics(*s.result(), *ref[name].result()))
@@ -243,6 +252,8 @@ def scores(stats: dict, ref: dict, accuracy: float | None) -> dict:
         out |= m if i == 0 else {name: m}
         if i == 0:
             out["space"] = name
+    if classes:
+        out |= dict(classes=classes, class_tv=0.5 * sum(abs(f - 1 / len(classes)) for f in classes))
     return out | ({"accuracy": accuracy} if accuracy is not None else {})
 
 
@@ -293,109 +304,116 @@ STRONG_D = dict(gan_d=1.0, gan_t_max=0.3, head_lr=4e-4)
 GAN_ALONE = dict(dmd_weight=0.0, lr=2e-5, lr_final=2e-5, **STRONG_D)
 # App. F.2's second phase: from the first phase's best checkpoint, at a lower constant lr, half as long
 PHASE2 = dict(init_from="DMD + TTUR, phase 1", iters=lambda c: c.iters // 2, lr=2e-5, lr_final=2e-5)
+# A four-step student at a quarter of the one-step lr (the default of a small run with --steps > 1): at 4e-4 it swings
+# (docs/small-scale.md#four-step-students)
+FEW = dict(steps=4, lr=1e-4)
 ABLATION = {  # name -> overrides of the run's settings (a callable: of the run's configuration)
     "DMD without TTUR (ratio 1)": dict(ratio=1, gan_g=0.0, gan_d=0.0),
     "DMD + TTUR (ratio 5)": dict(ratio=5, gan_g=0.0, gan_d=0.0),
     "DMD + TTUR + GAN": dict(ratio=5),
     "GAN alone": dict(ratio=1, **GAN_ALONE),
     "GAN + TTUR (no DMD)": dict(ratio=5, **GAN_ALONE),
-    "4 steps, backward simulation": dict(steps=4),
-    "4 steps, no backward simulation": dict(steps=4, backward_simulation=False),
+    "4 steps, backward simulation": FEW,
+    "4 steps, no backward simulation": FEW | dict(backward_simulation=False),
     "GAN alone, lr 4e-4 (DMD's)": dict(ratio=1, dmd_weight=0.0),  # the GAN diagnosis: the paper's discriminator...
     "GAN + TTUR, weak discriminator (the paper's), lr 2e-5": dict(ratio=5, dmd_weight=0.0, lr=2e-5, lr_final=2e-5),
     "GAN + TTUR, strong discriminator, lr 2e-5": dict(GAN_ALONE, ratio=5, head_lr=None),
     "GAN + TTUR, strong discriminator, lr 1e-4": dict(GAN_ALONE, ratio=5, lr=1e-4, lr_final=1e-4, head_lr=1e-3),
-    "4 steps, shifted table (sigma 1, 0.5, 0.25, 0.1)": dict(steps=4, shift=1 / 3),  # a flow teacher's
+    "4 steps, shifted table (sigma 1, 0.5, 0.25, 0.1)": FEW | dict(shift=1 / 3),  # a flow teacher's
     "DMD + TTUR, phase 1": dict(ratio=5, gan_g=0.0, gan_d=0.0),
     "phase 2: DMD + TTUR + GAN": PHASE2 | STRONG_D,
     "phase 2: DMD + TTUR": PHASE2 | dict(gan_g=0.0, gan_d=0.0),
 }
 names = list(ABLATION)
 TABLES = {"table3": names[:5], "table4": names[5:7], "all": names[:7], "headline": names[12:15],
-          "gan": [names[1], *names[7:10], names[4], names[10]], "flow": [names[11]]}
+          "gan": [names[1], *names[7:10], names[4], names[10]], "flow": [names[11]], "teacher-error": names[12:15]}
 # each table's setting (flags given on the command line win)
 EVAL = dict(eval_every=100)  # every table's runs: learning curves from iteration 0
 SETTINGS = {t: EVAL for t in TABLES} | {"headline": EVAL | dict(out="runs/headline"),
-                                        "flow": EVAL | dict(out="runs/flow", schedule="flow")}
+                                        "flow": EVAL | dict(out="runs/flow", schedule="flow"),
+                                        "teacher-error": EVAL | dict(out="runs/teacher-error", teacher_mislabel=0.5),
+                                        "toy2d": dict(out="runs/toy2d")}
 
 
-def ablation(variants: dict, seeds: int, run_variant, base: dict) -> tuple[str, dict, dict]:
-    """run_variant(name, overrides, seed) -> (metrics, history) for each variant and seed; returns the table
-    (markdown: mean +- standard deviation over seeds of FD, KID, accuracy, brightness std), and the brightness
-    curves and periodic evaluations (iterations, Frechet distances, accuracies) of the first seed. base: an
-    evaluation without a student (teacher and floor)."""
-    rows, curves, fds = [], {}, {}
-    for name, over in variants.items():
-        results = []
-        for s in range(seeds):
-            m, hist = run_variant(name, over, s)
-            b = [r for r in hist if "brightness" in r]
-            second = [r["brightness"] for r in b if r["it"] > b[-1]["it"] / 2]
-            results.append((m["student"]["fd"], m["student"]["kid"], m["student"].get("accuracy", float("nan")),
-                            float(np.std(second)), b[-1]["time"]))
-            if s == 0:
-                curves[name] = ([r["it"] for r in b], [r["brightness"] for r in b])
-                ev = [(r["it"], r["eval_fd"], r["eval_acc"]) for r in hist if "eval_fd" in r]
-                final = [(b[-1]["it"], m["student"]["fd"], m["student"].get("accuracy"))]
-                ev += final if ev and ev[-1][0] < b[-1]["it"] else []
-                fds |= {name: tuple(map(list, zip(*ev, strict=True)))} if ev else {}
-        rows.append((name, over.get("steps", 1), np.array(results)))
-    return ablation_table(rows, base, seeds), curves, fds
-
-
-def run_ablation(cfg, table: str, seeds: int, base: dict, label_dim: int, run) -> str:
-    """The variants of TABLES[table] over `seeds` seeds, each a run of `cfg` (a train_imagenet Config) with the
-    variant's overrides in its own folder; `run(cfg)` trains one. A finished run of the same settings is reused."""
+def variants(cfg, table: str, seeds: int) -> dict:
+    """{(variant, seed index): the run's configuration}: `cfg` (a train_imagenet Config) with the variant's overrides
+    and the seed cfg.seed + index, in its own folder under cfg.out/ablation; a second phase starts from its first
+    phase's best.pt (App. F.2)."""
     def folder(name: str, seed: int) -> str:
         slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(": ", "_").replace(" ", "_").lower()
         return os.path.join(cfg.out, "ablation", f"{slug}_seed{cfg.seed + seed}")
 
-    def run_variant(name: str, over: dict, seed: int) -> tuple[dict, list]:
-        over = {k: v(cfg) if callable(v) else v for k, v in over.items()}
-        if over.get("init_from") in ABLATION:  # a second phase: from that variant's best checkpoint (App. F.2)
-            over = over | {"init_from": os.path.join(folder(over["init_from"], seed), "best.pt")}
-        sub = dataclasses.replace(cfg, out=folder(name, seed), seed=cfg.seed + seed, **over)
-        done = os.path.join(sub.out, "metrics.json")
-        if not (os.path.exists(done) and read_checkpoint(sub.out)["config"] == dataclasses.asdict(
-                dataclasses.replace(sub, label_dim=label_dim))):
-            run(sub)
-        with open(done) as f:
-            return json.load(f), read_checkpoint(sub.out)["history"]
+    out = {}
+    for name in TABLES[table]:
+        for s in range(seeds):
+            over = {k: v(cfg) if callable(v) else v for k, v in ABLATION[name].items()}
+            if over.get("init_from") in ABLATION:
+                over["init_from"] = os.path.join(folder(over["init_from"], s), "best.pt")
+            out[name, s] = dataclasses.replace(cfg, out=folder(name, s), seed=cfg.seed + s, **over)
+    return out
 
-    text, curves, fds = ablation({k: ABLATION[k] for k in TABLES[table]}, seeds, run_variant, base)
+
+def run_ablation(out: str, configs: dict, base: dict, run) -> str:
+    """Each run of `configs` (`variants`) by run(cfg) -> metrics (reusing a finished run of the same identity); writes
+    out/ablation.md (`ablation_table`; a teacher of known error: the class histograms) and the first seed's curves.
+    base: an evaluation without a student (teacher and floor)."""
+    rows, curves, fds, classes = {}, {}, {}, {}
+    for (name, seed), sub in configs.items():
+        m, hist = run(sub)["student"], read_checkpoint(sub.out)["history"]
+        b, ev = [r for r in hist if "brightness" in r], [(r["it"], r["eval_fd"], r["eval_acc"]) for r in hist
+                                                          if "eval_fd" in r]
+        worst = max([fd for it, fd, _ in ev if it >= sub.iters / 3], default=float("nan"))
+        second = [r["brightness"] for r in b if r["it"] > b[-1]["it"] / 2]
+        rows.setdefault(name, (sub.steps, []))[1].append((m["fd"], m["kid"], m.get("accuracy", float("nan")),
+                                                           m.get("class_tv", float("nan")), worst,
+                                                           float(np.std(second)), b[-1]["time"]))
+        if seed == 0:
+            curves[name] = ([r["it"] for r in b], [r["brightness"] for r in b])
+            ev += [(b[-1]["it"], m["fd"], m.get("accuracy"))] if ev and ev[-1][0] < b[-1]["it"] else []
+            fds |= {name: tuple(map(list, zip(*ev, strict=True)))} if ev else {}
+        classes.setdefault(name, []).append(m.get("classes"))
+    text = ablation_table([(n, nfe, np.array(r)) for n, (nfe, r) in rows.items()], base, 1 + max(s for _, s in configs))
+    classes["teacher (35 NFE)"] = [base["teacher"]["35"].get("classes")]
+    if any(c.teacher_mislabel for c in configs.values()):  # a teacher of known error: the class histograms
+        k = len(classes["teacher (35 NFE)"][0])
+        text += "\n| classes the classifier sees | " + " | ".join(map(str, range(k))) + " |\n" + "|---" * (k + 1)
+        text += "|\n" + "".join(f"| {n} | " + " | ".join(f"{f:.3f}" for f in np.mean(c, 0)) + " |\n"
+                                 for n, c in classes.items())
     if is_main():
-        plot(os.path.join(cfg.out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
+        plot(os.path.join(out, "ablation_brightness.png"), curves, "iteration", "mean sample brightness")
         if fds:  # the variants' periodic evaluations, from iteration 0
-            plot(os.path.join(cfg.out, "ablation_fd.png"), {k: v[:2] for k, v in fds.items()}, "iteration",
+            plot(os.path.join(out, "ablation_fd.png"), {k: v[:2] for k, v in fds.items()}, "iteration",
                  "Frechet distance (log scale)", yscale="log")
             if all(None not in v[2] for v in fds.values()):  # labelled data: the classifier's accuracy
-                plot(os.path.join(cfg.out, "ablation_acc.png"), {k: (v[0], v[2]) for k, v in fds.items()},
+                plot(os.path.join(out, "ablation_acc.png"), {k: (v[0], v[2]) for k, v in fds.items()},
                      "iteration", "accuracy on the labels asked for")
-        with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
+        with open(os.path.join(out, "ablation.md"), "w") as f:
             f.write(text)
         print(text)
     return text
 
 
-def _pm(values: np.ndarray, fmt: str, scale: float = 1.0) -> str:
+def pm(values: np.ndarray, fmt: str, scale: float = 1.0) -> str:
     v = values * scale
     return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else f"{v[0]:{fmt}}"
 
 
 def ablation_table(rows: list[tuple], base: dict, seeds: int) -> str:
-    """rows (name, NFE, array [seeds, 5] of FD, KID, accuracy, brightness std, seconds); then the teacher at 4
-    and 35 NFE and the floor from `base`. With several seeds: mean ± sample standard deviation."""
+    """rows (name, NFE, array [seeds, 7] of FD, KID, accuracy, the classes' distance to uniform, worst periodic FD
+    after the first third, brightness std, seconds); then the teacher at 4 and 35 NFE and the floor from `base`.
+    With several seeds: mean ± sample standard deviation (the worst FD: the worst of the seeds)."""
     lines = [f"| variant{f' ({seeds} seeds)' if seeds > 1 else ''} | NFE | Frechet distance | KID | accuracy | "
-             "brightness std (2nd half) | train time |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {nfe} | {_pm(r[:, 0], '.2f')} | {_pm(r[:, 1], '.2f')} | {_pm(r[:, 2], '.3f')} | "
-              f"{_pm(r[:, 3], '.4f')} | {r[:, 4].mean() / 60:.1f} min |" for n, nfe, r in rows]
+             "classes: TV to uniform | worst FD (last 2/3) | brightness std (2nd half) | train time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {nfe} | {pm(r[:, 0], '.2f')} | {pm(r[:, 1], '.2f')} | {pm(r[:, 2], '.3f')} | "
+              f"{pm(r[:, 3], '.3f')} | {r[:, 4].max():.2f} | {pm(r[:, 5], '.4f')} | {r[:, 6].mean() / 60:.1f} min |"
+              for n, nfe, r in rows]
     t = base["teacher"]
 
     def row(name, m, nfe=""):
         kid = f"{m['kid']:.2f} ± {m['kid_std']:.2f} (subsets)"
-        acc = f"{m['accuracy']:.3f}" if "accuracy" in m else ""
-        return f"| {name} | {nfe} | {m['fd']:.2f} | {kid} | {acc} | | |"
+        acc, tv = (f"{m[k]:.3f}" if k in m else "" for k in ("accuracy", "class_tv"))
+        return f"| {name} | {nfe} | {m['fd']:.2f} | {kid} | {acc} | {tv} | | | |"
 
     lines += [row(f"teacher ({t[k]['sampler']})", t[k], t[k]["nfe"]) for k in ("4", "35")]
     lines += [row("real vs real (floor)", base["real_vs_real"])]

@@ -379,5 +379,5 @@ def test_denoiser_one_hot_rows_start_on_the_network_device():
     from support.edm import small_unet
 
     den = EDMDenoiser(small_unet(16, 8, 10).to("meta"), dmd2.EDMSchedule(), 10)
-    assert den.onehot.device.type == "meta" and den.onehot.shape == (10, 10)
+    assert den.onehot.device.type == "meta" and den.onehot.shape == (11, 10)  # and a row of zeros
     assert EDMDenoiser(small_unet(16, 8, 10), dmd2.EDMSchedule(), 10).onehot.device.type == "cpu"

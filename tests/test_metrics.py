@@ -109,7 +109,7 @@ def test_generated_stats_quantise_and_split_over_ranks():
             rows.append(images_to_uint8(sample_fn(torch.randn(b, 1, 2, 2, generator=g), labels)).flatten(1))
         return torch.cat(rows).double().numpy()
 
-    one, _ = ti.generated_stats(sample_fn, (1, 2, 2), 10, 4, 10, extractor, seed=3, device="cpu")
+    one, *_ = ti.generated_stats(sample_fn, (1, 2, 2), 10, 4, 10, extractor, seed=3, device="cpu")
     feats = reference(stream_seed(3, "eval", 0), [4, 4, 2])
     np.testing.assert_allclose(one.result()[0], feats.mean(0), rtol=1e-12)
     np.testing.assert_allclose(one.result()[1], np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-9)

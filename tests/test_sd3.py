@@ -103,8 +103,8 @@ def test_four_step_train_resume_export_and_a_stock_pipeline(pipes, data, tmp_pat
     assert {"loss_dmd", "loss_gan_g", "loss_gan_d", "loss_fake"} <= set().union(*a["history"])
     out = tmp_path / "r" / "export"
     assert (out / "transformer" / "config.json").is_file() and (out / "dmd2_sd3_4step_transformer_fp16.bin").is_file()
-    prompt, seed = "a cat", 3
-    expected = _stock_images(pipes["sd3"], out, [prompt], seed)
+    prompts, seed = ["a cat", "a dog"], 3  # two batches, each the stock pipeline's on its own stream
+    expected = _stock_images(pipes["sd3"], out, prompts, seed)
     on_base = ["--model", pipes["sd3"], "--steps", "4"]
     sources = {"run folder": [str(tmp_path / "r")], "export folder": [str(out)],
                "transformer folder": [str(out / "transformer"), *on_base],
@@ -112,30 +112,31 @@ def test_four_step_train_resume_export_and_a_stock_pipeline(pipes, data, tmp_pat
     if mode != "full":
         sources["LoRA file"] = [str(out / "pytorch_lora_weights.safetensors"), *on_base]
     for i, (kind, argv) in enumerate(sources.items()):
-        images = sample.main([*argv, "--prompt", prompt, "--seed", str(seed), "--out", str(tmp_path / f"{i}.png")])
+        images = sample.main([*argv, "--prompt", prompts[0], "--prompt", prompts[1], "--batch", "1", "--seed",
+                              str(seed), "--out", str(tmp_path / f"{i}.png")])
         tol = 2e-2 if kind == "fp16 state dict" else 1e-3
         torch.testing.assert_close(images, expected, atol=tol, rtol=0, msg=kind)
-    teacher = sample.main([str(Path(pipes["sd3"]) / "transformer"), *on_base, "--prompt", prompt, "--seed", str(seed),
-                           "--out", str(tmp_path / "teacher.png")])
-    assert (teacher - expected).abs().max() > 0.05, "the student must not sample as its teacher"
+    teacher = sample.main([str(Path(pipes["sd3"]) / "transformer"), *on_base, "--prompt", prompts[0], "--seed",
+                           str(seed), "--out", str(tmp_path / "teacher.png")])
+    assert (teacher - expected[:1]).abs().max() > 0.05, "the student must not sample as its teacher"
 
 
 def _stock_images(pipe: str, export: Path, prompts: list[str], seed: int) -> torch.Tensor:
     """The docs' stock recipe: the exported transformer in StableDiffusion3Pipeline, the flow-matching Euler scheduler
     in its stochastic form (x0, then fresh noise), guidance off, dmd2.json's unshifted sigmas (the scheduler shifts
-    them to the student's), generator=torch.Generator().manual_seed(seed + i) for the i-th prompt (sample.py --batch
-    1) and torch's global generator, from which the pipeline draws the step noise, seeded with seed + i + 1."""
+    them to the student's), called without a generator after torch.manual_seed(seed + i) for the i-th prompt
+    (sample.py --batch 1): the latents and the step noise from torch's global generator."""
     meta = json.loads((export / "dmd2.json").read_text())
     stock = _stock(pipe, transformer=SD3Transformer2DModel.from_pretrained(str(export / "transformer")))
     stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(stock.scheduler.config, stochastic_sampling=True)
     images = []
     for i, p in enumerate(prompts):
-        torch.manual_seed(seed + i + 1)
-        images.append(stock(p, sigmas=meta["sigmas"], guidance_scale=0, height=32, width=32, output_type="pt",
-                            generator=torch.Generator().manual_seed(seed + i)).images)
+        torch.manual_seed(seed + i)
+        images.append(stock(p, sigmas=meta["sigmas"], guidance_scale=0, height=32, width=32, output_type="pt").images)
     return torch.cat(images)
 
 
+@pytest.mark.slow
 def test_no_t5_student_on_a_pipeline_with_t5_and_another_shift(data, tmp_path):
     """A student distilled --no-t5 samples without T5 from every kind of SOURCE (the export's dmd2.json is read for
     the weights inside it; a transformer folder on its own needs sample.py --no-t5), as a stock pipeline loaded with
@@ -164,8 +165,8 @@ def test_no_t5_student_on_a_pipeline_with_t5_and_another_shift(data, tmp_path):
     stock_sched.set_timesteps(sigmas=meta["sigmas"])
     assert meta["transformer_timesteps"] == pytest.approx(stock_sched.timesteps.tolist(), abs=1e-3)
     expected = _stock_images(pipe, out, ["a cat"], 5)  # loaded with text_encoder_3=None, tokenizer_3=None
-    alone = tmp_path / "transformer"
-    shutil.copytree(out / "transformer", alone)  # without the export's dmd2.json beside it
+    alone = out / "another_transformer"  # beside the export's files, not one of them: its dmd2.json is not read
+    shutil.copytree(out / "transformer", alone)
     on_base = ["--model", pipe, "--steps", "4"]
     sources = {"run folder": [str(run)], "export folder": [str(out)], "transformer folder": [str(out / "transformer"),
                "--model", pipe], "fp16 state dict": [str(out / "dmd2_sd3_4step_transformer_fp16.bin"), "--model", pipe],
@@ -221,6 +222,7 @@ def test_one_step_preset_and_bad_resolution(pipes, data, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_memory_estimate_counts_every_tensor(pipes):
     """--estimate-memory on SD3: bf16 frozen transformer and CLIPs, fp32 VAE, fp32 adapters and head, AdamW."""
     from diffusers import AutoencoderKL
@@ -239,6 +241,7 @@ def test_memory_estimate_counts_every_tensor(pipes):
     assert gib["Parameter"] * 2**30 == 2 * frozen + 4 * vae + 4 * trainable
 
 
+@pytest.mark.slow
 def test_benchmark_of_a_text_to_image_run(pipes):
     """train_t2i.py --benchmark: the run's networks from the model's configs (random weights), timed, and the FLOPs
     of a generator update with ratio - 1 critic-only iterations: each critic-only iteration adds the same count (the

@@ -215,6 +215,7 @@ def test_flop_count_of_one_linear_and_one_conv_layer_by_hand():
     assert count_flops(lambda: conv(img).sum().backward()) == 3 * 2 * (2 * 8 * 8) * (3 * 9) * 5
 
 
+@pytest.mark.slow
 def test_benchmark_rows_and_the_gpu_check_table(tmp_path):
     """--benchmark on a reduced ADM (8 channels, batch 2): both rows timed, the FLOPs of an update counted (the
     counter itself is checked by hand above); tools/gpu_check.sh's table of it (a failed section has no rows)."""

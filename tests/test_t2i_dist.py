@@ -81,12 +81,13 @@ def test_ddp_and_fsdp_full_fine_tuning(setup, tmp_path):
 
 
 def test_sd3_fsdp_equals_ddp(setup, tmp_path):
-    """SD3's transformer sharded block by block (FSDP2) trains to DDP's weights."""
+    """SD3's transformer sharded block by block (FSDP2) trains to DDP's weights, its GAN head too."""
     sd3 = dict(setup, model=setup["sd3"])
     ddp = torchrun(sd3, tmp_path / "ddp", "--preset", "sd35m-4step", "--dist", "ddp", "--iters", "2", *FAST)
     fsdp = torchrun(sd3, tmp_path / "fsdp", "--preset", "sd35m-4step", "--dist", "fsdp", "--iters", "2", *FAST)
-    assert same(ddp[0], ddp[1]) and moved(ddp[0], setup["sd3"]) > 1e-3
+    assert same(ddp[0], ddp[1]) and moved(ddp[0], setup["sd3"]) > 1e-3 and set(ddp[0]) == {"G", "fake", "head"}
     assert fsdp[0].keys() == ddp[0].keys() and update_gap(fsdp[0], ddp[0], setup["sd3"]) < 2e-3
+    assert same({"head": fsdp[0]["head"]}, {"head": ddp[0]["head"]}, atol=1e-6)
 
 
 def test_ddp_shared_lora(setup, tmp_path):

@@ -77,7 +77,7 @@ def test_ablation_writes_the_table_and_leaves_the_run_alone(tiny_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(tiny_run[0], run)
     before = open(os.path.join(run, "checkpoint.pt"), "rb").read()
-    table = ti.main(["--out", run, "--ablation", *TINY])
+    table = ti.main(["--out", run, "--ablation", *TINY, "--iters", "5", "--eval-samples", "32"])
     assert open(os.path.join(run, "checkpoint.pt"), "rb").read() == before, "the run's own checkpoint is untouched"
     assert open(os.path.join(run, "ablation.md")).read() == table
     assert os.path.isfile(os.path.join(run, "ablation_brightness.png"))
@@ -90,7 +90,7 @@ def test_ablation_writes_the_table_and_leaves_the_run_alone(tiny_run, tmp_path):
         over = ti.small.ABLATION[name]
         slug = name.split(" (")[0].replace(" + ", "_").replace(", ", "_").replace(" ", "_").lower()
         cfg = ti.edm.read_checkpoint(os.path.join(run, "ablation", slug + "_seed0"))["config"]
-        assert all(cfg[k] == v for k, v in over.items()) and cfg["iters"] == 12
+        assert all(cfg[k] == v for k, v in over.items()) and cfg["iters"] == 5
 
 
 def test_headline_runs_the_second_phase_from_the_first_phases_best_checkpoint(tiny_run, tmp_path):
@@ -107,9 +107,12 @@ def test_headline_runs_the_second_phase_from_the_first_phases_best_checkpoint(ti
     assert [r["it"] for r in map(json.loads, open(phase1 / "log.jsonl")) if "eval_fd" in r] == [0, 12]
     best = ti.edm.read_checkpoint(str(phase1 / "best.pt"))
     for slug, gan in (("phase_2_dmd_ttur_gan", True), ("phase_2_dmd_ttur", False)):
-        cfg = ti.edm.read_checkpoint(str(run / "ablation" / f"{slug}_seed0"))["config"]
+        phase2 = run / "ablation" / f"{slug}_seed0"
+        cfg = ti.edm.read_checkpoint(str(phase2))["config"]
         assert cfg["init_from"] == str(phase1 / "best.pt") and cfg["iters"] == 6 and cfg["lr"] == cfg["lr_final"]
         assert cfg["lr"] < ti.Config.lr and (cfg["gan_g"] > 0) == gan and best["config"]["gan_g"] == 0
+        first = next(r for r in map(json.loads, open(phase2 / "log.jsonl")) if "eval_fd" in r)
+        assert first["it"] == 0 and first["eval_fd"] == best["best"]["fd"], "phase 2 starts as phase 1's best"
     assert (run / "ablation_fd.png").is_file() and (run / "ablation_acc.png").is_file()
 
 
@@ -142,7 +145,7 @@ def test_ablation_over_seeds_reports_mean_and_spread(tiny_run, tmp_path, capsys)
     shutil.copytree(tiny_run[0], run)
     table = ti.main(["--out", run, "--ablation", "table4", "--seeds", "2", *TINY, "--iters", "6"])
     lines = table.splitlines()  # a markdown table: as many cells in every row as in the delimiter row
-    assert lines[0].startswith("| variant (2 seeds) |") and {line.count("|") for line in lines} == {8}
+    assert lines[0].startswith("| variant (2 seeds) |") and {line.count("|") for line in lines} == {10}
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [r[0] for r in rows[:2]] == ["4 steps, backward simulation", "4 steps, no backward simulation"]
     for r, slug in zip(rows[:2], ["4_steps_backward_simulation", "4_steps_no_backward_simulation"], strict=True):
@@ -153,6 +156,58 @@ def test_ablation_over_seeds_reports_mean_and_spread(tiny_run, tmp_path, capsys)
     with pytest.raises(SystemExit):
         ti.main(["--out", run, "--seeds", "2", *TINY])
     assert "--seeds N (>= 1) goes with --ablation" in capsys.readouterr().err
+
+
+def test_a_teacher_with_a_known_error(tmp_path, monkeypatch, capsys):
+    """--teacher-mislabel 0.5: the small teacher trains on the training digits with half of each class 0-4 labelled
+    as the class 5 above (the GAN's real images and the evaluation keep the true labels); the classes the classifier
+    sees in the samples are reported with their distance to uniform; the cached teacher is keyed by the share."""
+    seen = []
+    train = ti.small.train_teacher
+    monkeypatch.setattr(ti.small, "train_teacher", lambda x, y, label_dim, **k: seen.append(y) or
+                        train(x, y, label_dim, **k))
+    run = str(tmp_path / "run")
+    metrics = ti.main(["--out", run, *TINY, "--teacher-mislabel", "0.5", "--eval-every", "6"])
+    (y,), true = seen, ti.small.mnist_digits(16)[1]
+    moved = (y != true).nonzero().flatten()
+    assert torch.equal(y[moved], true[moved] + 5) and (true[moved] < 5).all()
+    for c in range(5):  # the first half of each class, in the split's order
+        idx = (true == c).nonzero().flatten()
+        assert torch.equal(idx[:round(len(idx) / 2)], moved[true[moved] == c])
+    for entry in (metrics["student"], metrics["teacher"]["35"]):
+        assert len(entry["classes"]) == 10 and abs(sum(entry["classes"]) - 1) < 1e-6
+        assert entry["class_tv"] == pytest.approx(0.5 * sum(abs(f - 0.1) for f in entry["classes"]))
+    assert [r["eval_class_tv"] >= 0 for r in ti.edm.read_checkpoint(run)["history"] if "eval_fd" in r] == [True] * 3
+    with pytest.raises(SystemExit):
+        ti.main(["--out", run, *TINY, "--teacher-mislabel", "0.25"])
+    assert "made with {'mislabel': 0.5}, this run asks for {'mislabel': 0.25}" in capsys.readouterr().err
+
+
+def test_a_fake_score_told_the_step(tmp_path, monkeypatch):
+    """--fake-step (beyond the paper, dmd2.py section 7): mu_fake's label input gets the one-hot of the generator step
+    that made a sample beside the class's, zero at first (it starts as the teacher); its denoising calls get (class,
+    step) of G's input, the GAN's features the class alone."""
+    torch.manual_seed(0)
+    teacher = ti.edm.small_unet(16, 8, 10)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fake = ti.build_nets(ti.Config(channels=8, resolution=16, steps=4, fake_step=True), teacher, 1, "cpu").critic.fake
+    weight = fake.net.model.map_label.weight
+    assert weight.shape[1] == 14 and not weight[:, 10:].any()
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 999]), torch.tensor([1, 2, 3])
+    expected = ti.edm.EDMDenoiser(teacher, dmd2.EDMSchedule(), 10)(x, t, y)
+    for cond in (y, torch.stack([y, torch.tensor([0, 3, 1])], 1)):
+        torch.testing.assert_close(fake(x, t, cond), expected)
+    with torch.no_grad():
+        weight[:, 10:].normal_()
+    assert not torch.allclose(fake(x, t, torch.stack([y, y * 0], 1)), fake(x, t, torch.stack([y, y * 0 + 3], 1)))
+    conds, step = [], dmd2.train_iteration
+    monkeypatch.setattr(dmd2, "train_iteration", lambda *a, **k: conds.append((a[9], a[10], k["fake_cond"])) or
+                        step(*a, **k))
+    ti.main(["--out", str(tmp_path), *TINY, "--iters", "6", "--steps", "4", "--fake-step"])
+    for t_in, labels, fake_cond in conds:
+        assert torch.equal(fake_cond, torch.stack([labels, [999, 749, 499, 249].index(int(t_in[0])) + 0 * labels], 1))
 
 
 @pytest.mark.parametrize("backward", [True, False])
@@ -184,7 +239,10 @@ def test_multi_step_student(tmp_path, monkeypatch, capsys, backward):
         assert all(n == 0 for _, n in inputs), "no backward simulation during training"
         ts = [v for t, _ in inputs for v in t]
         assert set(ts) <= {999, 749, 499, 249} and len(set(ts)) > 1, "real images noised to the student's steps"
-    assert samples and all(ts == [999, 749, 499, 249] for ts in samples), "evaluated at the run's timesteps"
+    # evaluated at the run's timesteps, and each step's own x0 (the sampler stopped after it) on the same noise
+    assert samples == [[999, 749, 499, 249], [999], [999, 749], [999, 749, 499], [999, 749, 499, 249]], samples
+    m = metrics["student"]
+    assert len(m["step_fd"]) == 4 and m["step_fd"][-1] == m["fd"] and m["step_acc"][-1] == m["accuracy"]
     samples.clear()
     sample.main([run, "--n", "2", "--out", str(tmp_path / "g.png")])
     assert samples and all(ts == [999, 749, 499, 249] for ts in samples), "sample.py uses the run's steps"
@@ -195,14 +253,14 @@ def test_multi_step_student(tmp_path, monkeypatch, capsys, backward):
     assert "cannot change --steps" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("steps", ["1", "4"])
+@pytest.mark.parametrize("steps", ["1", pytest.param("4", marks=pytest.mark.slow)])
 def test_resume_is_exact(tmp_path, steps, monkeypatch):
     clock = itertools.count(1000.0)  # a clock that always moves: the log's time goes on after a resume
     monkeypatch.setattr(ti.time, "time", lambda: next(clock))
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
     args = ["--steps", steps, "--teacher-iters", "10", "--classifier-iters", "5", "--batch", "6", "--log-every", "3",
             "--ckpt-every", "3", "--eval-samples", "16", "--warmup", "2", "--channels", "8", "--lr", "1e-3",
-            "--lr-final", "1e-4", "--decay-iters", "10"]
+            "--lr-final", "1e-4", "--decay-iters", "10", "--eval-every", "3"]
     ti.main(["--out", straight, "--iters", "12", *args])
     for f in ("teacher.pt", "classifier.pt"):  # same teacher, without training it twice
         os.makedirs(split, exist_ok=True)
@@ -215,9 +273,18 @@ def test_resume_is_exact(tmp_path, steps, monkeypatch):
     for key in ("G", "critic"):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    assert a["history"] == [r | dict(time=ra["time"]) for r, ra in zip(b["history"], a["history"], strict=True)]
+    # every evaluation too (the one at the split point included), so the same best.pt; a 4-step student's with
+    # each step's own Frechet distance, plotted
+    evals = [r for r in b["history"] if "eval_fd" in r]
+    assert [r["it"] for r in evals] == [0, 3, 6, 9, 12]
+    assert all(len(r.get("eval_step_fd", [])) == (4 if steps == "4" else 0) for r in evals)
+    assert os.path.isfile(os.path.join(split, "steps_fd.png")) == (steps == "4")
+    assert a["history"] == [r | {k: v for k, v in ra.items() if k == "time"}
+                            for r, ra in zip(b["history"], a["history"], strict=True)]
     times = [r["time"] for r in b["history"] if "time" in r]
     assert times == sorted(times) and len(set(times)) == len(times), times
+    best_a, best_b = (torch.load(os.path.join(r, "best.pt"), weights_only=True) for r in (straight, split))
+    assert best_a["step"] == best_b["step"] and all(torch.equal(best_a["G"][k], best_b["G"][k]) for k in best_a["G"])
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -244,6 +311,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, 
     (["--ratio", "0"], "must be >= 1"),
     (["--ema", "1.5"], "--ema"),
     (["--t-min", "0.9", "--t-max", "0.1"], "t_min"),
+    (["--ablation", "flow", "--schedule", "edm"], "--shift (> 0) goes with --schedule flow"),  # a variant's settings
 ])
 def test_bad_arguments_fail_early(argv, message, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--out", str(tmp_path), *argv],
@@ -384,9 +452,82 @@ def test_resume_with_an_ema_that_the_run_did_not_keep(tiny_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(tiny_run[0], run)
     assert ti.edm.read_checkpoint(run)["ema"] is None
+    grid = open(os.path.join(run, "samples.png"), "rb").read()
+    metrics = ti.main(["--out", run, "--eval-only", "--ema", "0.99"])  # --eval-only too: the EMA is G, not the teacher
+    assert metrics["student_ema"]["fd"] == metrics["student"]["fd"]
+    assert open(os.path.join(run, "samples.png"), "rb").read() == grid, "the grid of the EMA, which is G"
     ti.main(["--out", run, "--resume", "--iters", "14", "--ema", "0.99", "--lr", "0", "--eval-samples", "64"])
     ck = ti.edm.read_checkpoint(run)
     assert ck["step"] == 14 and all(torch.equal(ck["ema"][k], ck["G"][k]) for k in ck["G"])
+
+
+def test_a_checkpoint_from_before_the_heads_own_learning_rate_resumes(tiny_run, tmp_path):
+    """A checkpoint whose critic optimiser has one parameter group (written before --head-lr) resumes: the group is
+    split into the fake score's and the head's, each with the saved learning rate, and the run goes on as the same
+    checkpoint saved with two groups does."""
+    import shutil
+
+    ends = []
+    for name in ("two groups", "one group"):
+        run = str(tmp_path / name)
+        shutil.copytree(tiny_run[0], run)
+        if name == "one group":  # as an older version wrote it
+            path = os.path.join(run, "checkpoint.pt")
+            ck = torch.load(path, weights_only=True)
+            fake, head = ck["c_opt"]["param_groups"]
+            ck["c_opt"]["param_groups"] = [fake | {"params": fake["params"] + head["params"]}]
+            ck["c_sched"] = {k: v[:1] if isinstance(v, list) else v for k, v in ck["c_sched"].items()}
+            del ck["config"]["head_lr"]
+            torch.save(ck, path)
+        ti.main(["--out", run, "--resume", "--iters", "14", "--eval-samples", "16"])
+        ends.append(ti.edm.read_checkpoint(run))
+    assert len(ends[1]["c_opt"]["param_groups"]) == 2
+    for key in ("G", "critic"):
+        assert all(torch.equal(ends[0][key][k], ends[1][key][k]) for k in ends[0][key]), key
+
+
+def test_ablation_reuses_a_run_only_if_everything_that_decides_it_is_the_same(tiny_run, tmp_path, monkeypatch):
+    """--ablation reuses a finished run when its metrics.json holds the same identity: the settings, the code, the
+    teacher's and the classifier's weights and the --init-from checkpoint's. A rerun with new settings interrupted
+    after its first checkpoint (a), a retrained first phase (b), other code or another teacher (c) retrain."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    trained, real = [], ti.distill
+    monkeypatch.setattr(ti, "distill", lambda cfg, *a, **k: trained.append(os.path.basename(cfg.out)) or
+                        real(cfg, *a, **k))
+    argv = ["--out", str(run), "--ablation", "headline", *TINY, "--iters", "2", "--ckpt-every", "2"]
+
+    def trains(*extra) -> list[str]:
+        trained.clear()
+        ti.main([*argv, *extra])
+        return sorted(trained)
+
+    every = sorted(["dmd_ttur_phase_1_seed0", "phase_2_dmd_ttur_gan_seed0", "phase_2_dmd_ttur_seed0"])
+    assert trains() == every and trains() == [], "nothing changed: every run is reused"
+    best = run / "ablation" / every[0] / "best.pt"  # (b) phase 1 retrained to other weights
+    ck = torch.load(best, weights_only=True)
+    torch.save(ck | {"G": {k: v + 0.01 for k, v in ck["G"].items()}}, best)
+    assert trains() == every[1:], "the second phases start from other weights"
+    with monkeypatch.context() as m:  # (c) other code
+        m.setattr(ti.runs, "code_digest", lambda script: "other code")
+        assert trains() == every
+    teacher = torch.load(run / "teacher.pt", weights_only=True)  # (c) another teacher of the same recipe
+    torch.save(teacher | {"net": {k: v * 1.01 for k, v in teacher["net"].items()}}, run / "teacher.pt")
+    assert trains() == every
+    save = ti.runs.save_atomic  # (a) new settings, interrupted after phase 1's first checkpoint
+
+    def interrupted(obj, path):
+        save(obj, path)
+        if str(path).endswith("checkpoint.pt"):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(SystemExit):
+        m.setattr(ti.runs, "save_atomic", interrupted)
+        trains("--iters", "4")
+    assert trains("--iters", "4") == every
+    assert json.load(open(run / "ablation" / every[0] / "metrics.json"))["iters"] == 4
 
 
 def test_the_gan_head_has_its_own_learning_rate(tiny_run, tmp_path):
@@ -404,6 +545,10 @@ def test_the_gan_head_has_its_own_learning_rate(tiny_run, tmp_path):
     assert len(head["params"]) == n_head and len(fake["params"]) > n_head  # the head's tensors are all parameters
     assert head["lr"] == pytest.approx(10 * fake["lr"]) and 0 < fake["lr"] < 1e-4
     assert ck["c_sched"]["base_lrs"] == [1e-4, 1e-3]
+    ti.main(["--out", run, "--resume", "--iters", "10", "--head-lr", "0"])  # 0 is a learning rate: the head stays
+    after = ti.edm.read_checkpoint(run)["critic"]
+    same = {k: torch.equal(after[k], ck["critic"][k]) for k in after}
+    assert all(v for k, v in same.items() if k.startswith("head.")) and not all(same.values())
 
 
 def _runs_with(tiny_run, tmp_path, flags: tuple[str, ...]) -> list[dict]:
@@ -419,6 +564,7 @@ def _runs_with(tiny_run, tmp_path, flags: tuple[str, ...]) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_compile_flag_compiles_the_three_networks_and_keeps_the_results(tiny_run, tmp_path, monkeypatch):
     """--compile: G, the fake score and the teacher run torch.compiled (here with the eager backend: dynamo's
     tracing without code generation, seconds instead of minutes) and train to the same weights."""
