@@ -31,10 +31,9 @@ import dmd2
 from support import edm, metrics, runs, small, toy2d
 from support.data import ImageDataset, RealImages
 
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration. The defaults are the small experiment's; `Config.imagenet` holds the paper's (App. F.2).
-
-
 @dataclass
 class Config:
     # the run
@@ -73,7 +72,7 @@ class Config:
     label_dim: int = 10  # classes of an EDM teacher (0: unconditional); a small teacher takes the data's
     # small scale: the small teacher and the evaluation classifier (no --teacher)
     schedule: str = "edm"  # the small teacher's: edm (Karras, EDM's preconditioning) or flow (rectified flow, SD3's)
-    shift: float = 1.0  # flow: SD3's timestep shift of the distillation's table (the students' steps, DMD's timesteps)
+    shift: float = 1.0  # flow: SD3's shift of the distillation's table (students' steps, DMD's t); --steps > 1: 1/3
     teacher_iters: int = 1600
     teacher_batch: int = 64
     teacher_lr: float = 2e-3
@@ -106,8 +105,6 @@ def ttur(cfg: Config) -> dmd2.TTUR:
 # ----------------------------------------------------------------------------------------------------
 # Distillation (Sec. 4, App. F.2): G and mu_fake start from the teacher's weights; every iteration updates
 # the critic (mu_fake + GAN head), every `ratio`-th also the generator (dmd2.train_iteration).
-
-
 @dataclass
 class Nets:
     G: edm.EDMDenoiser
@@ -270,8 +267,6 @@ def distill(cfg: Config, teacher_net: nn.Module, real: RealImages, channels: int
 
 # ----------------------------------------------------------------------------------------------------
 # Runs: teacher (+ cached classifier) -> distil -> evaluate -> write the run folder.
-
-
 def setup(cfg: Config, device: torch.device, timings: dict) -> dict:
     """Teacher, real images and feature extractor: a small teacher (MNIST or --data), or an EDM pickle with its
     dataset and Inception."""
@@ -285,8 +280,7 @@ def setup(cfg: Config, device: torch.device, timings: dict) -> dict:
 
 
 def sampler(G: edm.EDMDenoiser, cfg: Config, rank: int, steps: int | None = None):
-    """The student at its steps (dmd2.sample; fresh noise between steps from a generator seeded once per rank);
-    `steps` < cfg.steps: its first steps only, returning that step's x0."""
+    """The student at its steps (dmd2.sample, a generator seeded once per rank); `steps`: only its first ones' x0."""
     return edm.few_step(G, dmd2.step_timesteps(cfg.steps)[:steps], seed=runs.stream_seed(cfg.seed, "sampler", rank))
 
 
@@ -360,8 +354,7 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
     t = time.time()
     results = dict(periodic.get(cfg.iters, {}))  # the periodic evaluation at the end of training, if any
     results |= evaluate(cfg, s, None if results else nets, device, rank, world, teacher=teacher_eval)
-    timings["eval_s"] = round(time.time() - t, 1)
-    timings["total_s"] = round(time.time() - start, 1)
+    timings |= dict(eval_s=round(time.time() - t, 1), total_s=round(time.time() - start, 1))
     results |= dict(timings=timings, samples=cfg.eval_samples, iters=cfg.iters, seed=cfg.seed,
                     classifier_test_accuracy=s.get("classifier_accuracy"), identity=identity)
     if best := [r for r in nets.history if "best_fd" in r]:
@@ -381,8 +374,6 @@ def run(cfg: Config, device: torch.device, rank: int, world: int, resume: bool =
 # ----------------------------------------------------------------------------------------------------
 # Command line: every Config field is a flag (--eval-samples ...); defaults are the small experiment's, or
 # the paper's ImageNet settings when --teacher is given.
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = runs.add_config_flags(p, Config, {"schedule": ["edm", "flow"]})
@@ -411,7 +402,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     given = runs.given_flags(args, Config)
     flow = {"out": "runs/flow"} if given.get("schedule") == "flow" else {}
     setting = flow | small.SETTINGS.get(args.ablation, {})
-    few = {"lr": small.FEW["lr"]} if given.get("steps", 1) > 1 else {}  # a small multi-step student's lr
+    few = ({"lr": small.FEW["lr"]} | (small.FEW_FLOW if given.get("schedule") == "flow" else {})
+           if given.get("steps", 1) > 1 else {})  # a small multi-step student's lr (and a flow teacher's table)
     cfg = Config.imagenet(**given) if given.get("teacher") else Config(**(few | setting | given))
     try:
         if args.resume or args.eval_only:  # the run's own settings, except what the command line changes

@@ -307,6 +307,7 @@ PHASE2 = dict(init_from="DMD + TTUR, phase 1", iters=lambda c: c.iters // 2, lr=
 # A four-step student at a quarter of the one-step lr (the default of a small run with --steps > 1): at 4e-4 it swings
 # (docs/small-scale.md#four-step-students)
 FEW = dict(steps=4, lr=1e-4)
+FEW_FLOW = dict(shift=1 / 3)  # and a flow teacher's on the table shifted by 1/3: sigma 1, 0.5, 0.25, 0.1 (the same doc)
 ABLATION = {  # name -> overrides of the run's settings (a callable: of the run's configuration)
     "DMD without TTUR (ratio 1)": dict(ratio=1, gan_g=0.0, gan_d=0.0),
     "DMD + TTUR (ratio 5)": dict(ratio=5, gan_g=0.0, gan_d=0.0),
@@ -319,7 +320,7 @@ ABLATION = {  # name -> overrides of the run's settings (a callable: of the run'
     "GAN + TTUR, weak discriminator (the paper's), lr 2e-5": dict(ratio=5, dmd_weight=0.0, lr=2e-5, lr_final=2e-5),
     "GAN + TTUR, strong discriminator, lr 2e-5": dict(GAN_ALONE, ratio=5, head_lr=None),
     "GAN + TTUR, strong discriminator, lr 1e-4": dict(GAN_ALONE, ratio=5, lr=1e-4, lr_final=1e-4, head_lr=1e-3),
-    "4 steps, shifted table (sigma 1, 0.5, 0.25, 0.1)": FEW | dict(shift=1 / 3),  # a flow teacher's
+    "4 steps, shifted table (sigma 1, 0.5, 0.25, 0.1)": FEW | FEW_FLOW,  # a flow teacher's
     "DMD + TTUR, phase 1": dict(ratio=5, gan_g=0.0, gan_d=0.0),
     "phase 2: DMD + TTUR + GAN": PHASE2 | STRONG_D,
     "phase 2: DMD + TTUR": PHASE2 | dict(gan_g=0.0, gan_d=0.0),

@@ -320,6 +320,17 @@ def test_bad_arguments_fail_early(argv, message, tmp_path):
     assert os.listdir(tmp_path) == [], "nothing written before the arguments are checked"
 
 
+def test_small_multi_step_defaults(tmp_path):
+    """A small student of several steps trains at lr 1e-4 (at 4e-4 it swings), a flow one on the table shifted by 1/3;
+    flags given win, and a one-step or paper-scale run keeps its own."""
+    parse = lambda *a: ti.parse_args(["--out", str(tmp_path / str(len(os.listdir(tmp_path)))), *a])[0]  # noqa: E731
+    assert (parse().lr, parse().shift) == (4e-4, 1.0)
+    assert (parse("--steps", "4").lr, parse("--steps", "4").shift) == (1e-4, 1.0)
+    assert (parse("--steps", "4", "--schedule", "flow").shift, parse("--schedule", "flow").shift) == (1 / 3, 1.0)
+    assert parse("--steps", "4", "--schedule", "flow", "--shift", "3", "--lr", "4e-4").shift == 3.0
+    assert parse("--steps", "4", "--schedule", "flow", "--shift", "3", "--lr", "4e-4").lr == 4e-4
+
+
 def test_resume_without_checkpoint_fails_early(tmp_path):
     with pytest.raises(SystemExit):
         ti.parse_args(["--out", str(tmp_path), "--resume"])
