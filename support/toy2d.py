@@ -70,12 +70,13 @@ class Generator(nn.Sequential):
         return super().forward(x_t / 80)
 
 
-def distill(hp: dict, seed: int, iters: int, batch: int = 512, lr: float = 2e-3) -> nn.Module:
-    """A one-step MLP G distilled from the uniform ring's exact denoiser (dmd2.train_iteration), the GAN on the data's
-    ring; AdamW at 3 lr (G), lr (critic), cosine to a tenth; mu_fake first fits G (DMD2 starts both as the teacher)."""
+def distill(hp: dict, seed: int, iters: int, batch: int = 512, lr: float = 2e-3, hidden=(256,) * 3) -> nn.Module:
+    """A one-step MLP G (`hidden` widths) distilled from the uniform ring's exact denoiser (dmd2.train_iteration),
+    the GAN on the data's ring; AdamW at 3 lr (G), lr (critic), cosine to a tenth; mu_fake first fits G."""
     torch.manual_seed(seed)
     schedule, gen, D = dmd2.EDMSchedule(), torch.Generator().manual_seed(seed), ring_denoiser(UNIFORM)
-    G = Generator(nn.Linear(2, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 2))
+    G = Generator(*[m for a, b in zip((2, *hidden), (*hidden, 2), strict=True) for m in (nn.Linear(a, b), nn.SiLU())])
+    del G[-1]  # no activation after the last layer
     fake, head, ttur, t_in = FakeScore(schedule), dmd2.GANHead(8, 4), dmd2.TTUR(ratio=5, **hp), torch.full([batch], 999)
     g_opt = torch.optim.AdamW(G.parameters(), 3 * lr, weight_decay=0)
     c_opt = torch.optim.AdamW([*fake.parameters(), *head.parameters()], lr, weight_decay=0)
@@ -102,7 +103,7 @@ def scores(x: torch.Tensor, real: torch.Tensor, teacher: torch.Tensor, direction
                 .tolist(), between=(dist.min(1).values > 2 * STD).float().mean().item())
 
 
-def run(out: str, seeds: int = 3, iters: int = 4000, n: int = 5000) -> str:
+def run(out: str, seeds: int = 3, iters: int = 12000, n: int = 5000) -> str:
     """Every variant over `seeds` seeds against n samples of the data and the teacher's Heun sampler (35 NFE): writes
     out/toy2d.md (mean ± std over seeds) and out/toy2d.png (seed 0's samples)."""
     gen = torch.Generator().manual_seed(12345)
@@ -125,12 +126,11 @@ def run(out: str, seeds: int = 3, iters: int = 4000, n: int = 5000) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(samples), figsize=(3 * len(samples), 3.2), sharex=True, sharey=True)
+    fig, axes = plt.subplots(1, len(samples), figsize=(3 * len(samples), 3.2), sharex=True, sharey=True, layout="tight")
     for ax, (name, xs) in zip(axes, samples.items(), strict=True):
         ax.scatter(*xs[0][:2000].T, s=1, alpha=0.4)
         ax.set_title(name, fontsize=8)
         ax.set_aspect("equal")
-    fig.tight_layout()
     fig.savefig(Path(out, "toy2d.png"), dpi=120)
     plt.close(fig)
     print(text)

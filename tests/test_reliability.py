@@ -167,6 +167,7 @@ def test_second_run_on_the_same_folder_is_refused(run_copy, capsys):
     assert not list(run_copy.glob("*.tmp*")) and ti.edm.read_checkpoint(str(run_copy))["step"] == 8
 
 
+@pytest.mark.slow  # the default suite stays within 5 minutes (docs/testing.md)
 def test_interrupted_mid_interval_logs_the_same_means(tmp_path, monkeypatch, capsys):
     """Stopped at iteration 4 (checkpoint at 3, rows every 4): the resumed run's log equals an uninterrupted one."""
     args = [*TINY, "--iters", "8", "--ckpt-every", "3", "--log-every", "4"]

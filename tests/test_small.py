@@ -69,6 +69,7 @@ def test_labelled_images_train_a_conditional_teacher_and_evaluate_in_two_spaces(
     assert torch.load(os.path.join(run, "teacher.pt"), weights_only=True)["key"] == teacher["key"]
 
 
+@pytest.mark.slow  # the default suite stays within 5 minutes (docs/testing.md)
 def test_unlabelled_images_give_an_unconditional_run(datasets, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ti.metrics, "inception_extractor", stand_in_inception)
     run = str(tmp_path / "run")

@@ -136,6 +136,7 @@ def test_flow_teacher_with_a_shifted_distillation_table(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the default suite stays within 5 minutes (docs/testing.md)
 def test_ablation_over_seeds_reports_mean_and_spread(tiny_run, tmp_path, capsys):
     import shutil
 
@@ -210,7 +211,7 @@ def test_a_fake_score_told_the_step(tmp_path, monkeypatch):
         assert torch.equal(fake_cond, torch.stack([labels, [999, 749, 499, 249].index(int(t_in[0])) + 0 * labels], 1))
 
 
-@pytest.mark.parametrize("backward", [True, False])
+@pytest.mark.parametrize("backward", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_multi_step_student(tmp_path, monkeypatch, capsys, backward):
     """--steps 4: the generator's inputs come from backward simulation with one k per batch drawn from its own
     generator (or, without it, real images noised to the student's timesteps); evaluation and sample.py sample
@@ -472,6 +473,7 @@ def test_resume_with_an_ema_that_the_run_did_not_keep(tiny_run, tmp_path):
     assert ck["step"] == 14 and all(torch.equal(ck["ema"][k], ck["G"][k]) for k in ck["G"])
 
 
+@pytest.mark.slow  # the default suite stays within 5 minutes (docs/testing.md)
 def test_a_checkpoint_from_before_the_heads_own_learning_rate_resumes(tiny_run, tmp_path):
     """A checkpoint whose critic optimiser has one parameter group (written before --head-lr) resumes: the group is
     split into the fake score's and the head's, each with the saved learning rate, and the run goes on as the same
@@ -497,6 +499,7 @@ def test_a_checkpoint_from_before_the_heads_own_learning_rate_resumes(tiny_run, 
         assert all(torch.equal(ends[0][key][k], ends[1][key][k]) for k in ends[0][key]), key
 
 
+@pytest.mark.slow  # the default suite stays within 5 minutes (docs/testing.md)
 def test_ablation_reuses_a_run_only_if_everything_that_decides_it_is_the_same(tiny_run, tmp_path, monkeypatch):
     """--ablation reuses a finished run when its metrics.json holds the same identity: the settings, the code, the
     teacher's and the classifier's weights and the --init-from checkpoint's. A rerun with new settings interrupted
@@ -541,6 +544,7 @@ def test_ablation_reuses_a_run_only_if_everything_that_decides_it_is_the_same(ti
     assert json.load(open(run / "ablation" / every[0] / "metrics.json"))["iters"] == 4
 
 
+@pytest.mark.slow  # the default suite stays within 5 minutes (docs/testing.md)
 def test_the_gan_head_has_its_own_learning_rate(tiny_run, tmp_path):
     """--head-lr: the head's parameters are the critic optimiser's second group, at that lr with the same warm-up and
     decay as the fake score's --lr; a resumed run keeps both."""
